@@ -1,0 +1,173 @@
+"""Checkpoints: Orbax CheckpointManager in workdir/checkpoints, and initial-weight loading.
+
+One checkpoint step holds the composite
+  state      train state (StandardSave; restored into target shardings from an abstract tree),
+  data_iter  the Grain iterator position, one JSON per process,
+  config     the run's config as JSON, and norm_stats (the dataset's normalization) as JSON.
+Saves are async; `wait_until_finished` must run before the process exits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+from flax import traverse_util
+
+
+class Checkpointer:
+  """CheckpointManager with our composite items and save/keep policy."""
+
+  def __init__(self, directory: str, *, save_every: int, max_to_keep: int | None = 1,
+               keep_period: int | None = None, async_save: bool = True):
+    policy = checkpoint_managers.AnySavePolicy([
+        checkpoint_managers.FixedIntervalPolicy(save_every),
+        # Saves at the step all hosts agreed on after a preemption notice (SIGTERM).
+        checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep or None, keep_period=keep_period or None,
+        enable_async_checkpointing=async_save, create=True, save_decision_policy=policy,
+        # A crash mid-save leaves a tmp dir behind; the rerun must not trip over it.
+        cleanup_tmp_directories=True)
+    self.directory = directory
+    self.mngr = ocp.CheckpointManager(directory, options=options)
+
+  @classmethod
+  def from_config(cls, workdir: str, config) -> "Checkpointer":
+    return cls(os.path.join(workdir, "checkpoints"), save_every=config.save_every,
+               max_to_keep=config.checkpoint.max_to_keep,
+               keep_period=config.checkpoint.keep_period,
+               async_save=config.checkpoint.async_save)
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.mngr.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.mngr.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.mngr.reached_preemption(step)
+
+  def save(self, step: int, state: Any, data_iter: Any = None, *, config: dict | None = None,
+           norm_stats: dict | None = None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(config)
+    if norm_stats is not None:
+      items["norm_stats"] = ocp.args.JsonSave(norm_stats)
+    saved = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, Any]:
+    """State arrays come back in the shardings carried by `abstract_state`'s leaves."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], (out["data_iter"] if data_iter is not None else None)
+
+  def wait_until_finished(self) -> None:
+    self.mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mngr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial weights from an openpi params checkpoint.
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {"/".join(str(k) for k in keys): v
+          for keys, v in traverse_util.flatten_dict(tree).items()}
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+  """'/'-joined param path -> shape of an openpi-layout params checkpoint (`params/<path>/value`)."""
+  md = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(md, "item_metadata", md)
+  tree = getattr(tree, "tree", tree)
+  if isinstance(tree, dict) and set(tree) == {"params"}:
+    tree = tree["params"]
+  flat = traverse_util.flatten_dict(tree, is_leaf=lambda _, v: not isinstance(v, dict))
+  if flat and all(k[-1] == "value" for k in flat):
+    flat = {k[:-1]: v for k, v in flat.items()}
+  return {"/".join(str(k) for k in keys): tuple(v.shape) for keys, v in flat.items()}
+
+
+def check_weights(ckpt_shapes: dict[str, tuple[int, ...]], target: Any, missing_ok: str,
+                  source: str = "checkpoint") -> list[str]:
+  """Raises naming every missing / extra / mis-shaped param; returns the allowed-missing ones."""
+  want = {k: tuple(v.shape) for k, v in _flat(target).items()}
+  missing_ok_re = re.compile(missing_ok) if missing_ok else None
+  missing = sorted(set(want) - set(ckpt_shapes))
+  allowed = [k for k in missing if missing_ok_re is not None and missing_ok_re.fullmatch(k)]
+  problems = [f"missing param {k} {want[k]}" for k in missing if k not in allowed]
+  problems += [f"unexpected param {k} {ckpt_shapes[k]}" for k in sorted(set(ckpt_shapes) - set(want))]
+  problems += [f"shape mismatch for param {k}: {source} {ckpt_shapes[k]} vs model {want[k]}"
+               for k in sorted(set(want) & set(ckpt_shapes)) if ckpt_shapes[k] != want[k]]
+  if problems:
+    raise ValueError(f"cannot load weights from {source}:\n  " + "\n  ".join(problems))
+  return allowed
+
+
+def load_weights(path: str, target: Any, *, missing_ok: str = r"energy/.*") -> tuple[dict, list[str]]:
+  """Loads an openpi params checkpoint (local or gs://) straight into target shardings.
+
+  `target` is the model's pure-dict tree of jax.ShapeDtypeStruct carrying `.sharding`. Returns the
+  loaded sub-tree (every target param but the allowed-missing ones, cast to the target dtypes) and
+  the allowed-missing paths, which keep their fresh initialization.
+  """
+  from pipeline.models import openpi_checkpoint  # pylint: disable=g-import-not-at-top
+
+  allowed = check_weights(checkpoint_shapes(path), target, missing_ok, source=path)
+  flat_target = traverse_util.flatten_dict(target)
+  skip = set(allowed)
+  sub = traverse_util.unflatten_dict(
+      {k: v for k, v in flat_target.items() if "/".join(map(str, k)) not in skip})
+  loaded = openpi_checkpoint.restore_openpi_params(path, target=sub)
+  # Orbax returns str keys where the model uses int ones (nnx.List); realign to the target tree.
+  flat_loaded = _flat(loaded)
+  out = {}
+  for keys, t in traverse_util.flatten_dict(sub).items():
+    x = flat_loaded["/".join(map(str, keys))]
+    if tuple(x.shape) != tuple(t.shape):
+      raise ValueError(f"shape mismatch for param {'/'.join(map(str, keys))}: {x.shape} vs {t.shape}")
+    if x.dtype != t.dtype:
+      x = x.astype(t.dtype)
+    out[keys] = x
+  logging.info("weights: loaded %d params from %s; kept init for %d (%s)", len(out), path,
+               len(allowed), ", ".join(allowed[:8]) + ("..." if len(allowed) > 8 else ""))
+  return traverse_util.unflatten_dict(out), allowed
+
+
+def config_to_json(config) -> dict:
+  """The config as a JSON-serializable dict (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def read_json(path: str) -> dict | None:
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def all_finite(tree: Any) -> bool:
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))

@@ -1,0 +1,392 @@
+"""Grain input pipeline over a prepared ArrayRecord dataset.
+
+Train: records of the train episodes -> global shuffle by seed -> repeat forever -> this process's
+stride [process_index::process_count] of the global order -> decode + transform (threads, and
+worker processes when num_workers > 0) -> per-process batch. Every process shuffles identically, so
+the strides are disjoint and together cover the global order. The example's position in the global
+order seeds its augmentation, so an example is augmented the same way whatever the process count,
+worker count or resume point, and differently in each epoch.
+
+Eval: records of the held-out episodes, in order, once (optionally repeated), no augmentation; the
+split is truncated to whole global batches so every process yields the same number of batches.
+
+The iterator of the returned dataset checkpoints with Orbax:
+  ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)) /
+  ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh_it)).
+Its state is positional, so a restore reproduces the stream exactly when seed, split, per-process
+batch, process count and worker count are unchanged.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import grain
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+
+from pipeline.data import prepare
+from pipeline.data import records
+from pipeline.data import tokenizer as tokenizer_lib
+from pipeline.data import transforms
+
+SPLITS = ("train", "eval")
+MANIFEST = prepare.MANIFEST
+NORM_STATS = prepare.NORM_STATS
+
+_log = logging.getLogger(__name__)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Defaults of config.data (for the real LIBERO run; smoke configs override paths and sizes)."""
+  return ml_collections.ConfigDict(dict(
+      dataset_dir="",  # ArrayRecord dir written by pipeline.data.prepare
+      source_dir="",  # raw dataset that prepare converts into dataset_dir
+      source_format="auto",
+      tokenizer_path=tokenizer_lib.PALIGEMMA_TOKENIZER,
+      norm_stats_path="",  # '' -> dataset_dir/norm_stats.json; else a file or a dir holding one
+      normalization="zscore",  # pi0: zscore; pi05 / pi0-FAST: quantile
+      delta_action_dims=0,  # 6 with openpi pi0_libero norm stats (its extra delta transform)
+      eval_fraction=0.05,  # share of episodes held out for evaluation
+      split_seed=0,  # picks the held-out episodes; separate from shuffle_seed so they stay fixed
+      eval_repeat=False,  # eval iterates once unless True
+      shuffle_seed=0,  # global shuffle order and augmentation randomness
+      augment=True,  # training augmentation (never applied to eval)
+      num_workers=4,  # decoding worker processes per host (0: threads in the main process)
+      num_threads=4,  # reader threads, each building whole batches (per worker process)
+      prefetch=4,  # batches read ahead by the reader threads (per worker process)
+      worker_buffer=2,  # batches buffered per worker process
+      skip_bad_records=False,  # True: drop records that fail to decode (logged, counted)
+  ))
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+
+
+class DatasetInfo:
+  """What the loader needs from a prepared dataset (see pipeline.data.prepare).
+
+  Attributes:
+    directory: the dataset dir.
+    manifest: its manifest.json.
+    shard_paths: shard paths, in global record order.
+    shard_starts: first global record index of each shard.
+    num_records: total records.
+    episodes: int64 [E, 3] rows (episode_index, first record, end record (exclusive)), by record.
+    action_horizon: chunk length stored per record.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = str(directory)
+    try:
+      prepared = prepare.open_prepared(directory)
+    except prepare.NotPreparedError as e:
+      raise prepare.NotPreparedError(f"config.data.dataset_dir={self.directory!r}: {e}") from e
+    self.manifest = manifest = prepared.manifest
+    self.shard_paths = list(prepared.shard_paths)
+    counts = [int(s["num_records"]) for s in manifest["shards"]]
+    self.shard_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    self.num_records = int(sum(counts))
+    self.action_horizon = int(manifest["action_horizon"])
+    path = os.path.join(self.directory, MANIFEST)
+    try:
+      rows = np.asarray([(e["episode_index"], e["start"], e["end"]) for e in manifest["episodes"]],
+                        np.int64).reshape(-1, 3)
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{path}: 'episodes' entries need episode_index/start/end: {e}") from e
+    self.episodes = rows[np.argsort(rows[:, 1], kind="stable")]
+    covered = int((self.episodes[:, 2] - self.episodes[:, 1]).sum())
+    if len(rows) == 0 or covered != self.num_records:
+      raise ValueError(f"{path}: episodes cover {covered} records, shards hold {self.num_records}")
+
+  def record_indices(self, episode_rows: np.ndarray) -> np.ndarray:
+    """Global record indices of the given episode rows, in record order."""
+    if len(episode_rows) == 0:
+      return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for _, s, e in episode_rows])
+
+
+class RecordLocator:
+  """Maps a global record index to its shard and episode, for error messages (picklable)."""
+
+  def __init__(self, info: DatasetInfo):
+    self.names = [os.path.basename(p) for p in info.shard_paths]
+    self.shard_starts = info.shard_starts.tolist()
+    self.ep_starts = info.episodes[:, 1].tolist()
+    self.ep_ends = info.episodes[:, 2].tolist()
+    self.ep_index = info.episodes[:, 0].tolist()
+
+  def __call__(self, record_index: int) -> str:
+    shard = bisect.bisect_right(self.shard_starts, record_index) - 1
+    where = (f"record {record_index} (shard {self.names[shard]}, "
+             f"entry {record_index - self.shard_starts[shard]}")
+    e = bisect.bisect_right(self.ep_starts, record_index) - 1
+    if 0 <= e and record_index < self.ep_ends[e]:
+      where += f", episode {self.ep_index[e]} step {record_index - self.ep_starts[e]}"
+    return where + ")"
+
+
+def split_episodes(info: DatasetInfo, eval_fraction: float, seed: int) -> dict[str, np.ndarray]:
+  """Deterministic train/eval partition of the episodes (rows of info.episodes).
+
+  round(eval_fraction * E) episodes (at least one when eval_fraction > 0, never all) are held out,
+  chosen by a permutation from `seed`.
+  """
+  if not 0 <= eval_fraction < 1:
+    raise ValueError(f"config.data.eval_fraction must be in [0, 1), got {eval_fraction}")
+  num = len(info.episodes)
+  num_eval = 0
+  if eval_fraction > 0:
+    num_eval = min(max(1, round(eval_fraction * num)), num - 1)
+  chosen = np.zeros(num, bool)
+  chosen[np.random.default_rng(seed).permutation(num)[:num_eval]] = True
+  return {"train": info.episodes[~chosen], "eval": info.episodes[chosen]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Grain pieces
+
+
+class _SplitSource(grain.sources.RandomAccessDataSource):
+  """Random access over a subset of records: i -> (global record index, raw bytes)."""
+
+  def __init__(self, shard_paths: Sequence[str], indices: np.ndarray):
+    self._paths = list(shard_paths)
+    self._indices = np.asarray(indices, np.int64)
+    self._reader = None
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> tuple[int, bytes]:
+    if self._reader is None:  # Opened lazily, once per worker process.
+      self._reader = grain.sources.ArrayRecordDataSource(self._paths)
+    index = int(self._indices[i])
+    return index, self._reader[index]
+
+  def __getstate__(self):
+    return {"_paths": self._paths, "_indices": self._indices, "_reader": None}
+
+  def __repr__(self) -> str:
+    return f"_SplitSource({len(self._paths)} shards, {len(self._indices)} records)"
+
+
+def _tag_position(position: int, item: tuple[int, bytes]) -> tuple[int, int, bytes]:
+  return position, item[0], item[1]
+
+
+class _Apply:
+  """Per-element map: (position, record index, bytes) -> example, or None for a skipped record."""
+
+  def __init__(self, transform: transforms.FrameTransform, skip_bad: bool):
+    self.transform = transform
+    self.skip_bad = skip_bad
+    self.skipped = 0
+
+  def __call__(self, item: tuple[int, int, bytes]) -> dict[str, Any] | None:
+    position, record_index, data = item
+    try:
+      return self.transform(record_index, data, example_index=position)
+    except records.RecordError as e:
+      if not self.skip_bad:
+        raise
+      self.skipped += 1
+      _log.warning("skipping bad record (%d skipped so far in this process): %s", self.skipped, e)
+      return None
+
+
+def _decode_only(item: tuple[int, int, bytes]) -> dict[str, np.ndarray]:
+  return transforms.decode_images_only(item[2])
+
+
+def _not_none(x: Any) -> bool:
+  return x is not None
+
+
+def _cfg(config: ml_collections.ConfigDict, key: str) -> Any:
+  """config.data.<key>, falling back to default_data_config() for keys a config leaves out."""
+  data = config.data
+  if key in data:
+    return data[key]
+  return default_data_config()[key]
+
+
+def _norm_stats_path(config: ml_collections.ConfigDict) -> str:
+  path = _cfg(config, "norm_stats_path")
+  return path or os.path.join(config.data.dataset_dir, NORM_STATS)
+
+
+def make_frame_transform(config: ml_collections.ConfigDict, *, augment: bool,
+                         info: DatasetInfo | None = None) -> transforms.FrameTransform:
+  """The per-record transform that make_dataset applies, built from the config."""
+  m = config.model
+  tokenizer_path = _cfg(config, "tokenizer_path")
+  if "vocab_size" in m and tokenizer_lib.vocab_size(tokenizer_path) > m.vocab_size:
+    raise ValueError(f"config.data.tokenizer_path={tokenizer_path!r} has "
+                     f"{tokenizer_lib.vocab_size(tokenizer_path)} tokens, more than "
+                     f"model.vocab_size={m.vocab_size}")
+  if info is not None and info.action_horizon and info.action_horizon < m.action_horizon:
+    raise ValueError(f"model.action_horizon={m.action_horizon} exceeds the dataset's stored chunk "
+                     f"length {info.action_horizon} ({info.directory}/{MANIFEST})")
+  return transforms.FrameTransform(
+      norm_stats=transforms.load_norm_stats(_norm_stats_path(config)),
+      tokenizer_path=tokenizer_path, image_size=m.image_size,
+      action_dim=m.action_dim, action_horizon=m.action_horizon, max_token_len=m.max_token_len,
+      normalization=_cfg(config, "normalization"), augment=augment,
+      seed=_cfg(config, "shuffle_seed"), describe=RecordLocator(info) if info else None,
+      delta_action_dims=_cfg(config, "delta_action_dims"))
+
+
+def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int,
+                       process_count: int, per_process: int) -> grain.MapDataset:
+  """Records of the split in stream order, tagged with their global position, this process's stride."""
+  rows = split_episodes(info, _cfg(config, "eval_fraction"), _cfg(config, "split_seed"))[split]
+  indices = info.record_indices(rows)
+  if split == "eval":
+    # Whole global batches only, so that every process yields the same number of batches.
+    usable = len(indices) // (per_process * process_count) * per_process * process_count
+    if usable == 0:
+      raise ValueError(f"eval split has {len(indices)} records ({len(rows)} episodes), fewer than one "
+                       f"global batch of config.batch_size={config.batch_size}; raise "
+                       "config.data.eval_fraction or lower the batch size")
+    indices = indices[:usable]
+  elif len(indices) == 0:
+    raise ValueError(f"train split of {info.directory} is empty")
+  ds = grain.MapDataset.source(_SplitSource(info.shard_paths, indices))
+  if split == "train":
+    ds = ds.seed(_cfg(config, "shuffle_seed")).shuffle().repeat(None)
+  elif _cfg(config, "eval_repeat"):
+    ds = ds.repeat(None)
+  ds = ds.map_with_index(_tag_position)
+  return ds[process_index::process_count]
+
+
+def _check_process(config, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the process count "
+                     f"{process_count}")
+  return config.batch_size // process_count
+
+
+def make_dataset(config: ml_collections.ConfigDict, *, split: str, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """The per-process batch stream of a split.
+
+  Args:
+    config: uses config.data.* (see default_data_config), config.model.{image_size, action_dim,
+      action_horizon, max_token_len, vocab_size (optional: checked against the tokenizer)} and
+      config.batch_size (global).
+    split: 'train' (shuffled, infinite, augmented when config.data.augment) or 'eval' (in order,
+      once unless config.data.eval_repeat, never augmented).
+    process_index: this process's index; pass jax.process_index() computed after
+      jax.distributed.initialize.
+    process_count: number of processes (jax.process_count()).
+
+  Returns:
+    An IterDataset of numpy batches in the batch format with config.batch_size // process_count
+    examples each; `iter()` of it is checkpointable with grain.checkpoint.CheckpointSave.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  per_process = _check_process(config, process_index, process_count)
+  info = DatasetInfo(config.data.dataset_dir)
+  transform = make_frame_transform(config, augment=split == "train" and _cfg(config, "augment"),
+                                   info=info)
+  skip_bad = bool(_cfg(config, "skip_bad_records"))
+  ds = _split_map_dataset(config, info, split, process_index, process_count, per_process)
+  ds = ds.map(_Apply(transform, skip_bad))
+  prefetch = int(_cfg(config, "prefetch"))
+  if skip_bad:
+    # Skipped records are None and batches form after they are filtered out, in the iterator;
+    # the state stays positional (it counts source elements), but the batch composition then
+    # depends on the worker count.
+    read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"),
+                             prefetch_buffer_size=prefetch * per_process)
+    it = ds.to_iter_dataset(read_options=read, allow_nones=True).filter(_not_none)
+    it = it.batch(per_process, drop_remainder=True)
+  else:
+    # Batching the map dataset makes worker processes split whole batches, so the stream is the
+    # same for any worker count.
+    read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"), prefetch_buffer_size=prefetch)
+    it = ds.batch(per_process, drop_remainder=True).to_iter_dataset(read_options=read)
+  workers = int(_cfg(config, "num_workers"))
+  if workers > 0:
+    _ensure_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=_cfg(config, "worker_buffer")))
+  return it
+
+
+def _ensure_flags_parsed() -> None:
+  # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) nothing
+  # parsed them, which would make the first worker fail.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def to_global_batch(batch: Any, mesh) -> Any:
+  """Per-process numpy batch -> global jax.Arrays with dim 0 sharded over all mesh axes."""
+  sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def _time_batches(it, num_batches: int, warmup: int) -> float:
+  # Worker start-up and the buffers filled meanwhile are excluded: the clock starts once the
+  # first `warmup` batches (about what the prefetch buffers hold) are consumed.
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  return time.perf_counter() - start
+
+
+def bench_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
+                 workers: Sequence[int] = (0, 1, 2)) -> list[dict[str, float]]:
+  """Samples/s of the full train chain vs image decoding alone, per worker count.
+
+  Both pipelines read the same shuffled records with the same threads and batch size; the decode
+  baseline only unpacks the record and decodes its two images.
+  Returns rows {workers, full_samples_per_s, decode_samples_per_s}; also prints them.
+  """
+  info = DatasetInfo(config.data.dataset_dir)
+  per_process = _check_process(config, 0, 1)
+  transform = make_frame_transform(config, augment=_cfg(config, "augment"), info=info)
+  read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"),
+                           prefetch_buffer_size=_cfg(config, "prefetch"))
+  rows = []
+  for num_workers in workers:
+    row = {"workers": num_workers}
+    for name, fn in (("full", _Apply(transform, False)), ("decode", _decode_only)):
+      ds = _split_map_dataset(config, info, "train", 0, 1, per_process).map(fn)
+      it = ds.batch(per_process, drop_remainder=True).to_iter_dataset(read_options=read)
+      if num_workers > 0:
+        _ensure_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=2))
+      iterator = iter(it)
+      try:
+        warmup = 1 + (_cfg(config, "prefetch") + 2) * max(1, num_workers)
+        seconds = _time_batches(iterator, num_batches, warmup)
+      finally:
+        close = getattr(iterator, "close", None)
+        if close:
+          close()
+      row[f"{name}_samples_per_s"] = num_batches * per_process / seconds
+    print(f"loader workers={num_workers}: full chain {row['full_samples_per_s']:.1f} samples/s, "
+          f"decode only {row['decode_samples_per_s']:.1f} samples/s")
+    rows.append(row)
+  return rows

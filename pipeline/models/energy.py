@@ -1,0 +1,431 @@
+"""Energy head over (context, action chunk) pairs, InfoNCE loss and refinement.
+
+The head scores how well an action chunk fits a context (the prefix output
+tokens of Pi0): low energy = good fit. Energies are unbounded reals so that
+InfoNCE over `-E / tau` can separate positives from negatives without a cap.
+
+Layout of one evaluation E(c, a):
+  context [S, C] --context_encoder (per token)--> keys / values
+  actions [H, A] --action_encoder (+ positions)--> queries
+  cross-attention (queries attend to valid context tokens)
+  head (per action step) -> [H] energies -> mean over H -> scalar.
+
+`EnergyModel.pairwise` scores every context of a batch against every action
+chunk. Everything that depends on one sample only (both encoders and the
+key/value/query projections) runs once per sample; only the attention and
+the head run per pair, so the context is never repeated B times.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Extra width inside each residual block of the MLP-ResNets.
+_MLP_RATIO = 4
+
+
+def _as_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
+  """Accepts a PRNG key as a shortcut for `nnx.Rngs(dropout=key)`."""
+  if rngs is None or isinstance(rngs, nnx.Rngs):
+    return rngs
+  return nnx.Rngs(dropout=rngs)
+
+
+def sinusoidal_positions(length: int, width: int) -> np.ndarray:
+  """Fixed sin/cos encoding of positions 0..length-1, shape [length, width]."""
+  if width % 2:
+    raise ValueError(f"sinusoidal encoding needs an even width, got {width}")
+  half = width // 2
+  freqs = np.exp(-math.log(10_000.0) * np.arange(half) / max(half - 1, 1))
+  angles = np.arange(length)[:, None] * freqs[None, :]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1).astype(
+    np.float32
+  )
+
+
+class ResidualBlock(nnx.Module):
+  """Pre-norm MLP block: x + W2 gelu(W1 norm(x))."""
+
+  def __init__(self, width: int, *, dropout: float, dtype: Any, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.up = nnx.Linear(width, _MLP_RATIO * width, dtype=dtype, rngs=rngs)
+    self.down = nnx.Linear(_MLP_RATIO * width, width, dtype=dtype, rngs=rngs)
+    # No rng stored: dropout keys come with each call, so the module state
+    # holds only parameters (EMA and checkpoints see plain arrays).
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    y = jax.nn.gelu(self.up(self.norm(x)))
+    y = self.dropout(y, deterministic=rngs is None, rngs=rngs)
+    return x + self.down(y)
+
+
+class MLPResNet(nnx.Module):
+  """Per-token MLP-ResNet: input projection, residual blocks, norm, output."""
+
+  def __init__(
+    self,
+    in_dim: int,
+    width: int,
+    out_dim: int,
+    *,
+    num_blocks: int,
+    dropout: float,
+    dtype: Any,
+    rngs: nnx.Rngs,
+  ):
+    self.input_proj = nnx.Linear(in_dim, width, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List(
+      [
+        ResidualBlock(width, dropout=dropout, dtype=dtype, rngs=rngs)
+        for _ in range(num_blocks)
+      ]
+    )
+    self.final_norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+    self.output_proj = nnx.Linear(width, out_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    offset: jax.Array | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """`offset` is added after the input projection (e.g. positions)."""
+    h = self.input_proj(x)
+    if offset is not None:
+      h = h + offset
+    for block in self.blocks:
+      h = block(h, rngs)
+    return self.output_proj(self.final_norm(h))
+
+
+class CrossAttention(nnx.Module):
+  """Multi-head attention of action queries over context keys/values.
+
+  Projections are split from the attention itself so that `pairwise` can
+  project each sample once and attend per pair.
+  """
+
+  def __init__(self, width: int, heads: int, *, dtype: Any, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(
+        f"energy_hidden ({width}) must be divisible by energy_heads ({heads})"
+      )
+    self.heads = heads
+    self.head_dim = width // heads
+    self.query = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+    self.key = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+    self.value = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+
+  def _split(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.heads, self.head_dim)
+
+  def project_queries(self, x: jax.Array) -> jax.Array:
+    """[..., L, W] -> [..., L, heads, head_dim]."""
+    return self._split(self.query(x))
+
+  def project_context(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, S, W] -> keys, values [B, S, heads, head_dim]."""
+    return self._split(self.key(x)), self._split(self.value(x))
+
+  def attend(
+    self,
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+  ) -> jax.Array:
+    """Attention of queries over the valid context tokens.
+
+    Args:
+      queries: [B, Q, heads, d] (one query set per context) or [Q, heads, d]
+        (the same queries for every context; used by `pairwise` so the
+        queries are not broadcast B times).
+      keys: [B, S, heads, d].
+      values: [B, S, heads, d].
+      mask: bool [B, S], True = valid token (attend).
+
+    Returns:
+      [B, Q, width].
+    """
+    scale = 1.0 / math.sqrt(self.head_dim)
+    spec = "qnd,bsnd->bnqs" if queries.ndim == 3 else "bqnd,bsnd->bnqs"
+    # Logits and softmax in f32 even for a low-precision compute dtype.
+    logits = jnp.einsum(spec, queries, keys, preferred_element_type=jnp.float32)
+    valid = mask.astype(bool)[:, None, None, :]
+    logits = jnp.where(valid, logits * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # A context with no valid token would give uniform weights over padding;
+    # zeroing them makes its attention output exactly 0 instead.
+    probs = jnp.where(valid, probs, 0.0).astype(values.dtype)
+    out = jnp.einsum("bnqs,bsnd->bqnd", probs, values)
+    return self.out(out.reshape(*out.shape[:2], -1))
+
+
+class EnergyModel(nnx.Module):
+  """Energy E(context, action chunk) -> scalar; low = compatible.
+
+  Args:
+    context_dim: width C of the context tokens (Pi0 prefix width).
+    act_dim: number of leading action dims that enter the head; the rest
+      (padding up to the model action dim) is ignored.
+    hidden: width of encoders, attention and head.
+    heads: attention heads.
+    num_layers: residual blocks in each MLP-ResNet.
+    horizon: maximum action horizon H (positional encoding length).
+    dropout: dropout rate inside the residual blocks (active only when a
+      call gets `rngs`).
+    dtype: compute dtype; parameters are always float32.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(
+    self,
+    context_dim: int,
+    act_dim: int,
+    *,
+    hidden: int = 512,
+    heads: int = 8,
+    num_layers: int = 4,
+    horizon: int = 50,
+    dropout: float = 0.0,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    for name, value in (
+      ("context_dim", context_dim),
+      ("energy_act_dim", act_dim),
+      ("energy_hidden", hidden),
+      ("energy_heads", heads),
+      ("action_horizon", horizon),
+    ):
+      if value < 1:
+        raise ValueError(f"EnergyModel: {name} must be >= 1, got {value}")
+    if num_layers < 0:
+      raise ValueError(f"EnergyModel: energy_layers must be >= 0, got {num_layers}")
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"EnergyModel: energy_dropout must be in [0, 1), got {dropout}")
+    if hidden % 2:
+      raise ValueError(f"EnergyModel: energy_hidden must be even, got {hidden}")
+    self.context_dim = context_dim
+    self.act_dim = act_dim
+    self.hidden = hidden
+    self.horizon = horizon
+    self.dtype = dtype
+    common = dict(num_blocks=num_layers, dropout=dropout, dtype=dtype, rngs=rngs)
+    self.context_encoder = MLPResNet(context_dim, hidden, hidden, **common)
+    self.action_encoder = MLPResNet(act_dim, hidden, hidden, **common)
+    self.attention = CrossAttention(hidden, heads, dtype=dtype, rngs=rngs)
+    self.head = MLPResNet(hidden, hidden, 1, **common)
+
+  # -- per-sample parts (run once per sample, also in `pairwise`) ----------
+
+  def _check(self, context, context_mask, actions) -> None:
+    if context.ndim != 3 or context.shape[-1] != self.context_dim:
+      raise ValueError(
+        f"EnergyModel: context must be [B, S, {self.context_dim}], got "
+        f"{context.shape}"
+      )
+    if context_mask.shape != context.shape[:2]:
+      raise ValueError(
+        f"EnergyModel: context_mask must be {context.shape[:2]}, got "
+        f"{context_mask.shape}"
+      )
+    if actions.ndim != 3 or actions.shape[-1] < self.act_dim:
+      raise ValueError(
+        f"EnergyModel: actions must be [B, H, A>={self.act_dim}], got "
+        f"{actions.shape}"
+      )
+    if actions.shape[1] > self.horizon:
+      raise ValueError(
+        f"EnergyModel: action horizon {actions.shape[1]} exceeds the head's "
+        f"horizon {self.horizon}"
+      )
+
+  def _encode_context(self, context, context_mask, rngs):
+    """Keys and values [B, S, heads, d] of the context tokens."""
+    # Zero padded tokens before anything touches them, so even non-finite
+    # padding values cannot leak (the attention mask alone would not stop
+    # 0 * inf = nan).
+    mask = context_mask.astype(bool)
+    context = jnp.where(mask[..., None], context.astype(self.dtype), 0.0)
+    encoded = self.context_encoder(context, rngs=rngs)
+    return self.attention.project_context(encoded)
+
+  def _encode_actions(self, actions, rngs):
+    """Action features [B, H, W] and queries [B, H, heads, d]."""
+    actions = actions[..., : self.act_dim].astype(self.dtype)
+    positions = jnp.asarray(
+      sinusoidal_positions(actions.shape[1], self.hidden), self.dtype
+    )
+    features = self.action_encoder(actions, offset=positions, rngs=rngs)
+    return features, self.attention.project_queries(features)
+
+  def _energy_per_step(self, features, attended, rngs):
+    """Head on action features + attended context -> energy per step."""
+    return self.head(features + attended, rngs=rngs)[..., 0]
+
+  # -- public API ----------------------------------------------------------
+
+  def __call__(
+    self,
+    context: jax.Array,
+    context_mask: jax.Array,
+    actions: jax.Array,
+    *,
+    rngs: nnx.Rngs | jax.Array | None = None,
+  ) -> jax.Array:
+    """Energies of matched pairs (context_b, actions_b).
+
+    Args:
+      context: [B, S, C] prefix tokens, any float dtype.
+      context_mask: bool [B, S], True = valid token.
+      actions: [B, H, A]; only the first `act_dim` dims are used.
+      rngs: dropout randomness (`nnx.Rngs` or a PRNG key); None = no dropout.
+
+    Returns:
+      float32 [B] energies (unbounded; lower = better match).
+    """
+    self._check(context, context_mask, actions)
+    rngs = _as_rngs(rngs)
+    keys, values = self._encode_context(context, context_mask, rngs)
+    features, queries = self._encode_actions(actions, rngs)
+    attended = self.attention.attend(queries, keys, values, context_mask)
+    per_step = self._energy_per_step(features, attended, rngs)
+    return per_step.astype(jnp.float32).mean(axis=-1)
+
+  def pairwise(
+    self,
+    context: jax.Array,
+    context_mask: jax.Array,
+    actions: jax.Array,
+    *,
+    rngs: nnx.Rngs | jax.Array | None = None,
+  ) -> jax.Array:
+    """Energies of all pairs: result[i, j] = E(context_i, actions_j).
+
+    Encoders and projections run once per sample; the attention runs with
+    batch i over all B*H action queries at once, and the head per pair.
+    Memory is O(B*S*D + B*B*H*D): the context is never repeated.
+
+    Args:
+      context: [B, S, C].
+      context_mask: bool [B, S], True = valid token.
+      actions: [B, H, A] (its batch may differ from the context's).
+      rngs: dropout randomness; None = no dropout.
+
+    Returns:
+      float32 [B_context, B_actions].
+    """
+    self._check(context, context_mask, actions)
+    rngs = _as_rngs(rngs)
+    keys, values = self._encode_context(context, context_mask, rngs)
+    features, queries = self._encode_actions(actions, rngs)
+    num_actions, horizon = actions.shape[:2]
+    # All action chunks' queries as one query set shared by every context.
+    flat_queries = queries.reshape(num_actions * horizon, *queries.shape[2:])
+    attended = self.attention.attend(flat_queries, keys, values, context_mask)
+    attended = attended.reshape(-1, num_actions, horizon, self.hidden)
+    per_step = self._energy_per_step(features[None], attended, rngs)
+    return per_step.astype(jnp.float32).mean(axis=-1)
+
+
+def infonce(
+  energies: jax.Array, tau: float | jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """InfoNCE over rows of a pairwise energy matrix.
+
+  Row i is a classification over action chunks j with logits -E[i, j] / tau
+  and target j = i.
+
+  Args:
+    energies: [B, B], energies[i, j] = E(context_i, actions_j).
+    tau: temperature (> 0).
+
+  Returns:
+    (mean loss, {"E_pos": mean diagonal, "E_neg": mean off-diagonal (0 for
+    B = 1), "accuracy": fraction of rows whose argmin is the diagonal}).
+  """
+  if energies.ndim != 2 or energies.shape[0] != energies.shape[1]:
+    raise ValueError(f"infonce: energies must be [B, B], got {energies.shape}")
+  energies = energies.astype(jnp.float32)
+  n = energies.shape[0]
+  log_probs = jax.nn.log_softmax(-energies / tau, axis=-1)
+  loss = -jnp.mean(jnp.diagonal(log_probs))
+  diag = jnp.diagonal(energies)
+  # Masked sum rather than total - trace, which cancels badly.
+  off_diag_sum = jnp.where(jnp.eye(n, dtype=bool), 0.0, energies).sum()
+  metrics = {
+    "E_pos": diag.mean(),
+    "E_neg": off_diag_sum / max(n * (n - 1), 1),
+    "accuracy": jnp.mean(
+      (jnp.argmin(energies, axis=-1) == jnp.arange(n)).astype(jnp.float32)
+    ),
+  }
+  return loss, metrics
+
+
+def refine(
+  energy_model: EnergyModel,
+  context: jax.Array,
+  mask: jax.Array,
+  actions: jax.Array,
+  *,
+  steps: int,
+  step_size: float | jax.Array,
+  max_step: float | jax.Array,
+) -> jax.Array:
+  """Energy-guided refinement: a <- a - clip(step_size * dE/da, max_step).
+
+  Only the first `act_dim` action dims move; the step of each sample is
+  rescaled so its L2 norm (over horizon x act_dim) is at most `max_step`.
+  Works under jax.jit with `steps` static.
+
+  Args:
+    energy_model: the head (not modified).
+    context: [B, S, C] prefix tokens (treated as constant).
+    mask: bool [B, S], True = valid token.
+    actions: [B, H, A] actions to refine.
+    steps: number of gradient steps (Python int).
+    step_size: gradient step size.
+    max_step: per-sample bound on the L2 norm of one step.
+
+  Returns:
+    Refined actions, same shape and dtype as `actions`.
+  """
+  steps = int(steps)
+  if steps < 0:
+    raise ValueError(f"refine: steps must be >= 0, got {steps}")
+  if steps == 0:
+    return actions
+  act_dim = energy_model.act_dim
+  graphdef, state = nnx.split(energy_model)
+  context = jax.lax.stop_gradient(context)
+
+  def total_energy(moving, fixed):
+    model = nnx.merge(graphdef, state)
+    chunk = jnp.concatenate([moving, fixed], axis=-1)
+    # Each sample's energy depends only on its own actions, so the gradient
+    # of the sum is the per-sample gradient.
+    return model(context, mask, chunk).sum()
+
+  def step(_, moving):
+    grad = jax.grad(total_energy)(moving, fixed)
+    delta = step_size * grad
+    norm = jnp.sqrt(jnp.sum(jnp.square(delta), axis=(1, 2), keepdims=True))
+    scale = jnp.minimum(1.0, max_step / jnp.maximum(norm, 1e-12))
+    return moving - delta * scale
+
+  moving = actions[..., :act_dim].astype(jnp.float32)
+  fixed = actions[..., act_dim:].astype(jnp.float32)
+  moving = jax.lax.fori_loop(0, steps, step, moving)
+  # Reassemble from the untouched original so other dims stay bit-identical.
+  return actions.at[..., :act_dim].set(moving.astype(actions.dtype))

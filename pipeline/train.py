@@ -1,0 +1,451 @@
+"""The training loop: build or restore the train state, step, periodic actions, clean exit.
+
+`run(config, workdir, mesh)`:
+  1. prepares the dataset when the config asks for it (smoke: synthetic source in the workdir);
+  2. builds the model abstractly (nnx.eval_shape), derives parameter / train-state shardings;
+  3. restores the latest checkpoint (train state + data iterator) if there is one, else
+     initializes the params sharded (jax.jit with out_shardings) and merges initial weights;
+  4. runs one jitted, donated train step per batch; logs, evaluates, saves periodically;
+  5. on a preemption notice saves, waits and returns; at the end waits for pending saves.
+
+Params live in the train state as one pure nested dict (nnx.State.to_pure_dict()). The step splits
+it into trainable / frozen parts by the config's regexes and differentiates the trainable part only.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+from absl import logging
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pipeline import checkpoint as checkpoint_lib
+from pipeline import metrics as metrics_lib
+from pipeline import optim
+from pipeline import sharding as sharding_lib
+
+ENERGY_METRICS = ("energy_loss", "E_pos", "E_neg", "energy_accuracy")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # number of batches consumed (applied or skipped as non-finite)
+  params: Any  # pure nested dict of all model params
+  opt_state: Any  # optax state; holds nothing for frozen params
+  ema: Any  # EMA of the trainable params (pure dict), or None
+  rng: jax.Array  # raw key data (uint32), so checkpoints hold plain arrays
+  bad_steps: jax.Array  # consecutive non-finite steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+def build_model(model_config, rngs: nnx.Rngs):
+  from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
+
+  return pi0.build_model(model_config, rngs)
+
+
+class ModelParts:
+  """Graph definition + param template of a model, to rebuild it from a pure param dict."""
+
+  def __init__(self, model_config, build_fn: Callable = build_model):
+    self.model_config = model_config
+    self.build_fn = build_fn
+    abstract = nnx.eval_shape(lambda: build_fn(model_config, nnx.Rngs(0)))
+    self.graphdef, self.param_template, self.rest_template = nnx.split(abstract, nnx.Param, ...)
+    self.abstract_params = self.param_template.to_pure_dict()
+    self.rest = None  # concrete non-param state (e.g. RNG streams), set by init
+
+  def init(self, key: jax.Array) -> tuple[dict, Any]:
+    model = self.build_fn(self.model_config, nnx.Rngs(key))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return params.to_pure_dict(), rest
+
+  def bind(self, params: dict):
+    state = jax.tree.map(lambda x: x, self.param_template)  # fresh copy of the State structure
+    state.replace_by_pure_dict(params)
+    return nnx.merge(self.graphdef, state, self.rest)
+
+
+def model_inputs(batch: Mapping[str, Any]) -> tuple[Mapping[str, Any], jax.Array]:
+  """(observation, actions) from a batch in the loader's format."""
+  return batch, batch["actions"]
+
+
+# ---------------------------------------------------------------------------------------------
+# State construction and sharding
+
+
+def _key_data(seed: int) -> jax.Array:
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def make_init_state_fn(tx: optax.GradientTransformation, mask: dict, ema_decay: float,
+                       seed: int) -> Callable[[dict], TrainState]:
+  def init_state(params):
+    trainable, _ = optim.split(params, mask)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        ema=jax.tree.map(jnp.copy, trainable) if ema_decay else None,
+        rng=_key_data(seed), bad_steps=jnp.zeros((), jnp.int32))
+  return init_state
+
+
+def state_specs(abstract_state: TrainState, param_specs: Any) -> TrainState:
+  """Specs for every train-state leaf: params by rule; opt state / EMA follow their params."""
+  params = abstract_state.params
+  return TrainState(
+      step=P(), params=param_specs,
+      opt_state=sharding_lib.follow_params(abstract_state.opt_state, params, param_specs),
+      ema=(None if abstract_state.ema is None else
+           sharding_lib.follow_params(abstract_state.ema, params, param_specs)),
+      rng=P(), bad_steps=P())
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, mask: dict,
+                    schedule: optax.Schedule, ema_decay: float):
+  """(state, batch) -> (state, metrics). Non-finite loss/grads leave the state unchanged."""
+
+  def grads_fn(trainable, frozen, rng, batch):
+    obs, actions = model_inputs(batch)
+
+    def loss_fn(tr):
+      model = parts.bind(optim.merge(tr, frozen))
+      return model.compute_train_loss(rng, obs, actions, train=True)
+
+    # Only the trainable subtree is an argument of grad: no frozen gradient is ever computed.
+    return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    trainable, frozen = optim.split(state.params, mask)
+    (loss, metrics), grads = grads_fn(trainable, frozen, rng, batch)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    # Frozen leaves enter the optimizer as zeros; their set_to_zero updates are discarded.
+    full_grads = optim.merge(grads, optim.zeros_like_tree(frozen))
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new_trainable = optax.apply_updates(trainable, optim.split(updates, mask)[0])
+
+    def keep_if_bad(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    new_trainable = keep_if_bad(new_trainable, trainable)
+    opt_state = keep_if_bad(opt_state, state.opt_state)
+    ema = state.ema
+    if ema is not None:
+      ema = keep_if_bad(optim.ema_update(ema, new_trainable, ema_decay), ema)
+    bad_steps = jnp.where(ok, 0, state.bad_steps + 1)
+    new_state = state.replace(step=state.step + 1, params=optim.merge(new_trainable, frozen),
+                              opt_state=opt_state, ema=ema, bad_steps=bad_steps)
+    out = dict(metrics)
+    out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+               param_norm=optax.global_norm(new_trainable),
+               bad_step=(~ok).astype(jnp.float32), bad_steps=bad_steps)
+    return new_state, out
+
+  train_step.grads_fn = grads_fn
+  return train_step
+
+
+def make_eval_step(parts: ModelParts):
+  """(params, batch, rng) -> metrics: flow loss, energy loss, E_pos, E_neg, retrieval accuracy.
+
+  The flow loss is measured even when the training objective skips it (energy_only).
+  """
+
+  def eval_step(params, batch, rng):
+    model = parts.bind(params)
+    obs, actions = model_inputs(batch)
+    flow_rng, loss_rng = jax.random.split(rng)
+    _, m = model.compute_train_loss(loss_rng, obs, actions, train=False)
+    out = {k: m[k] for k in ENERGY_METRICS if k in m}
+    if "energy_accuracy" in out:
+      out["retrieval_accuracy"] = out.pop("energy_accuracy")
+    out["flow_loss"] = m["flow_loss"] if "flow_loss" in m else jnp.mean(
+        model.compute_loss(flow_rng, obs, actions, train=False))
+    return out
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[Any], *, rng: jax.Array,
+             num_batches: int | None = None) -> dict[str, float]:
+  """Mean of eval_step metrics over (at most num_batches) global batches."""
+  acc = metrics_lib.MeanAccumulator()
+  for i, batch in enumerate(batches):
+    if num_batches is not None and i >= num_batches:
+      break
+    acc.add(eval_step(params, batch, jax.random.fold_in(rng, i)))
+  if not len(acc):
+    raise ValueError("evaluation got no batch (empty eval split?)")
+  return acc.summary()
+
+
+def eval_params(state: TrainState, mask: dict, use_ema: bool) -> dict:
+  if use_ema and state.ema is not None:
+    return optim.merge(state.ema, optim.split(state.params, mask)[1])
+  return state.params
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Copy of the config with '{workdir}' in data paths replaced."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key in ("dataset_dir", "source_dir", "norm_stats_path", "tokenizer_path"):
+      if key in config.data and isinstance(config.data[key], str):
+        config.data[key] = config.data[key].replace("{workdir}", workdir)
+  return config
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+  """Writes the synthetic source and/or prepares the ArrayRecord dataset when absent."""
+  d = config.data
+  if os.path.exists(os.path.join(d.dataset_dir, "manifest.json")):
+    return
+  if jax.process_index() == 0:
+    if d.synthetic and not (os.path.isdir(d.source_dir) and os.listdir(d.source_dir)):
+      from pipeline.data import synthetic  # pylint: disable=g-import-not-at-top
+
+      logging.info("data: writing synthetic source (%d episodes) to %s", d.synthetic_episodes,
+                   d.source_dir)
+      # Written aside and renamed, so an interrupted write is never taken for a finished one.
+      tmp = d.source_dir.rstrip("/") + ".tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      synthetic.write_lerobot_dataset(tmp, num_episodes=d.synthetic_episodes,
+                                      image_size=d.synthetic_image_size, seed=config.seed)
+      shutil.rmtree(d.source_dir, ignore_errors=True)
+      os.rename(tmp, d.source_dir)
+    if d.source_dir:
+      from pipeline.data import prepare  # pylint: disable=g-import-not-at-top
+
+      logging.info("data: preparing %s -> %s", d.source_dir, d.dataset_dir)
+      prepare.ensure_prepared(d.source_dir, d.dataset_dir, format=d.source_format,
+                              action_horizon=config.model.action_horizon)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("prepare_data")
+
+
+def make_dataset(config, split: str):
+  from pipeline.data import loader  # pylint: disable=g-import-not-at-top
+
+  return loader.make_dataset(config, split=split, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+
+
+def to_global_batch(batch, mesh):
+  from pipeline.data import loader  # pylint: disable=g-import-not-at-top
+
+  return loader.to_global_batch(batch, mesh)
+
+
+def _close(it: Any) -> None:
+  close = getattr(it, "close", None)
+  if close is not None:
+    close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+  """Everything `run` needs, built once: model parts, optimizer, shardings, jitted functions."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, build_fn: Callable = build_model):
+    self.config = config
+    self.mesh = mesh
+    self.parts = ModelParts(config.model, build_fn)
+    abstract_params = self.parts.abstract_params
+    o = config.optim
+    self.mask = optim.trainable_mask(abstract_params, o.trainable, o.frozen)
+    self.schedule = optim.make_schedule(o)
+    self.tx = optim.make_optimizer(o, optim.labels(self.mask), self.schedule)
+    self.ema_decay = float(o.ema_decay or 0.0)
+
+    self.param_specs = sharding_lib.param_specs(
+        abstract_params, mesh, config.sharding.rules, config.sharding.min_size_mib)
+    self.param_shardings = sharding_lib.to_named(mesh, self.param_specs)
+    init_state = make_init_state_fn(self.tx, self.mask, self.ema_decay, config.seed)
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    self.state_shardings = sharding_lib.to_named(
+        mesh, state_specs(abstract_state, self.param_specs))
+    self.abstract_state = with_shardings(abstract_state, self.state_shardings)
+    self.replicated = sharding_lib.replicated(mesh)
+    self.batch_sharding = sharding_lib.batch_sharding(mesh)
+
+    self._init_state = jax.jit(init_state, out_shardings=self.state_shardings,
+                               donate_argnums=0)
+    self.train_step = jax.jit(
+        make_train_step(self.parts, self.tx, self.mask, self.schedule, self.ema_decay),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+    self.eval_step = jax.jit(
+        make_eval_step(self.parts),
+        in_shardings=(self.param_shardings, self.batch_sharding, self.replicated),
+        out_shardings=self.replicated)
+
+    n_train = optim.num_params(optim.split(abstract_params, self.mask)[0])
+    logging.info("model: %d params, %d trainable; optimizer state %.1f MiB",
+                 optim.num_params(abstract_params), n_train,
+                 optim.state_bytes(abstract_state.opt_state) / 2**20)
+    logging.info("param shardings:\n%s", sharding_lib.describe(abstract_params, self.param_specs))
+
+  def init_rest(self, key: jax.Array) -> None:
+    """Concrete non-param model state (replicated); never checkpointed, rebuilt from the seed."""
+    rest_shardings = jax.tree.map(lambda _: self.replicated, self.parts.rest_template)
+    self.parts.rest = jax.jit(lambda k: self.parts.init(k)[1], out_shardings=rest_shardings)(key)
+
+  def init_params(self, key: jax.Array, only: list[str] | None = None) -> dict:
+    """Fresh params, created sharded; `only` restricts to those paths (XLA drops the rest)."""
+    if only is None:
+      return jax.jit(lambda k: self.parts.init(k)[0], out_shardings=self.param_shardings)(key)
+    keep = set(only)
+
+    def select(tree):
+      flat = flax.traverse_util.flatten_dict(tree)
+      return flax.traverse_util.unflatten_dict(
+          {k: v for k, v in flat.items() if "/".join(map(str, k)) in keep})
+
+    return jax.jit(lambda k: select(self.parts.init(k)[0]),
+                   out_shardings=select(self.param_shardings))(key)
+
+  def new_state(self) -> TrainState:
+    """Initial train state: fresh params, merged with config.init.weights when set."""
+    key = jax.random.key(self.config.seed)
+    weights = self.config.init.weights
+    if weights:
+      target = with_shardings(self.parts.abstract_params, self.param_shardings)
+      loaded, missing = checkpoint_lib.load_weights(
+          weights, target, missing_ok=self.config.init.missing_ok)
+      params = optim.merge(loaded, self.init_params(key, missing)) if missing else loaded
+    else:
+      params = self.init_params(key)
+    return self._init_state(params)
+
+
+def _hparams(config) -> dict[str, Any]:
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
+        build_fn: Callable = build_model) -> TrainState:
+  """Trains per config in workdir on mesh; resumes from workdir/checkpoints when present."""
+  config = resolve_paths(config, workdir)
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  if config.max_bad_steps < 1:
+    raise ValueError(f"config.max_bad_steps must be >= 1, got {config.max_bad_steps}")
+  prepare_data(config)
+
+  trainer = Trainer(config, mesh, build_fn)
+  trainer.init_rest(jax.random.key(config.seed))
+  writer = metrics_lib.create_writer(workdir)
+  ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
+  config_json = checkpoint_lib.config_to_json(config)
+  norm_stats = checkpoint_lib.read_json(
+      config.data.norm_stats_path or os.path.join(config.data.dataset_dir, "norm_stats.json"))
+
+  train_iter = iter(make_dataset(config, "train"))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
+    state, train_iter = ckpt.restore(latest, trainer.abstract_state, train_iter)
+  else:
+    state = trainer.new_state()
+    writer.write_hparams(_hparams(config))
+  start = int(jax.device_get(state.step))
+  num_steps = config.num_train_steps
+  logging.info("training steps %d..%d (batch %d on mesh %s)", start + 1, num_steps,
+               config.batch_size, dict(mesh.shape))
+
+  hooks = metrics_lib.make_periodic_actions(config, workdir, writer, num_steps)
+  acc = metrics_lib.MeanAccumulator()
+  eval_rng = jax.random.key(config.seed + 1)
+  pending_bad = None  # previous step's bad-step counter: checked one step late to keep dispatch async
+  t0 = time.time()
+  try:
+    for step in range(start + 1, num_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = to_global_batch(next(train_iter), mesh)
+        state, step_metrics = trainer.train_step(state, batch)
+      if pending_bad is not None:
+        _check_bad_steps(int(pending_bad), config.max_bad_steps, step - 1)
+      pending_bad = step_metrics.pop("bad_steps")
+      acc.add(step_metrics)
+      for hook in hooks:
+        hook(step)
+
+      if step % config.log_every == 0 or step == num_steps:
+        writer.write_scalars(step, acc.summary("train/"))
+      if step % config.eval_every == 0 or step == num_steps:
+        _check_bad_steps(int(pending_bad), config.max_bad_steps, step)
+        writer.write_scalars(step, run_eval(trainer, state, config, eval_rng))
+      if ckpt.should_save(step) or step == num_steps:
+        _check_bad_steps(int(pending_bad), config.max_bad_steps, step)
+        ckpt.save(step, state, train_iter, config=config_json, norm_stats=norm_stats,
+                  force=step == num_steps)
+      if ckpt.reached_preemption(step):
+        ckpt.wait_until_finished()
+        logging.warning("preemption notice: checkpoint saved at step %d; exiting cleanly", step)
+        return state
+    if pending_bad is not None:
+      _check_bad_steps(int(pending_bad), config.max_bad_steps, num_steps)
+    logging.info("training done at step %d (%.1f s)", max(start, num_steps), time.time() - t0)
+  finally:
+    writer.flush()
+    ckpt.wait_until_finished()
+    ckpt.close()
+    _close(train_iter)
+  return state
+
+
+def _check_bad_steps(bad: int, max_bad: int, step: int) -> None:
+  if bad >= max_bad:
+    raise FloatingPointError(
+        f"{bad} consecutive steps up to step {step} had a non-finite loss or gradient; stopping "
+        f"(config.max_bad_steps={max_bad}). Those updates were not applied and no such state "
+        "was saved.")
+  if bad:
+    logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, bad)
+
+
+def run_eval(trainer: Trainer, state: TrainState, config, rng) -> dict[str, float]:
+  it = iter(make_dataset(config, "eval"))
+  try:
+    batches = (to_global_batch(b, trainer.mesh) for b in it)
+    out = evaluate(trainer.eval_step, eval_params(state, trainer.mask, config.eval_use_ema),
+                   batches, rng=rng, num_batches=config.eval_batches)
+  finally:
+    _close(it)
+  return {f"eval/{k}": v for k, v in out.items()}

@@ -1,0 +1,278 @@
+"""Per-frame transforms checked against hand computations and numpy formulas."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import records
+from pipeline.data import tokenizer
+from pipeline.data import transforms
+
+SIZE, ACTION_DIM, HORIZON, MAX_LEN = 32, 32, 4, 24
+
+
+def _png(img: np.ndarray, fmt: str = "PNG") -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _stats(rng, dim):
+  return {"mean": rng.normal(size=dim).astype(np.float32),
+          "std": rng.uniform(0.5, 2, size=dim).astype(np.float32),
+          "q01": rng.uniform(-3, -1, size=dim).astype(np.float32),
+          "q99": rng.uniform(1, 3, size=dim).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def norm_stats():
+  rng = np.random.default_rng(0)
+  return {"state": _stats(rng, 8), "actions": _stats(rng, 7)}
+
+
+def _frame(seed=0, h=40, w=48):
+  rng = np.random.default_rng(seed)
+  # Smooth gradients plus a sharp vertical edge: geometric changes are visible, colors vary.
+  yy, xx = np.mgrid[0:h, 0:w]
+  base = np.stack([xx * 255 // w, yy * 255 // h, np.where(xx < w // 2, 230, 20)], -1).astype(np.uint8)
+  wrist = np.stack([np.where(xx < w // 2, 200, 40), yy * 255 // h, xx * 255 // w], -1).astype(np.uint8)
+  return {
+      "image": _png(base), "wrist_image": _png(wrist, "JPEG"),
+      "state": rng.normal(size=8).astype(np.float32),
+      "actions": rng.normal(size=(6, 7)).astype(np.float32),
+      "actions_is_pad": np.array([0, 0, 0, 1, 1, 1], bool),
+      "prompt": "put the bowl on the plate", "episode_index": 3, "frame_index": 5, "task_index": 1,
+  }
+
+
+def _transform(norm_stats, **kw):
+  args = dict(norm_stats=norm_stats, tokenizer_path=tokenizer.SYNTHETIC_TOKENIZER, image_size=SIZE,
+              action_dim=ACTION_DIM, action_horizon=HORIZON, max_token_len=MAX_LEN)
+  args.update(kw)
+  return transforms.FrameTransform(**args)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("h,w,new_h,new_w,top,left", [
+    # ratio = max(60/32, 40/32) = 1.875 -> 21 x 32, 11 pad rows split 5 above / 6 below.
+    (40, 60, 21, 32, 5, 0),
+    # ratio = 50/32 = 1.5625 -> 32 x int(19.2) = 19, 13 pad cols split 6 left / 7 right.
+    (50, 30, 32, 19, 0, 6),
+    # Upscaling: ratio = 0.5 -> 32 x 32, no padding.
+    (16, 16, 32, 32, 0, 0),
+])
+def test_resize_with_pad_geometry(h, w, new_h, new_w, top, left):
+  img = np.full((h, w, 3), 200, np.uint8)
+  out = transforms.resize_with_pad(img, 32, 32)
+  assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+  content = np.zeros((32, 32), bool)
+  content[top:top + new_h, left:left + new_w] = True
+  np.testing.assert_array_equal(out[content], 200)
+  np.testing.assert_array_equal(out[~content], 0)
+
+
+def test_resize_with_pad_uses_bilinear_on_content():
+  rng = np.random.default_rng(1)
+  img = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+  out = transforms.resize_with_pad(img, 32, 32)
+  expected = np.asarray(Image.fromarray(img).resize((32, 21), Image.BILINEAR))
+  np.testing.assert_array_equal(out[5:26], expected)
+
+
+def test_resize_same_size_is_identity():
+  img = np.random.default_rng(2).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+  assert transforms.resize_with_pad(img, 32, 32) is img
+
+
+def test_to_signed_range():
+  x = np.array([0, 51, 255], np.uint8)
+  np.testing.assert_allclose(transforms.to_signed(x), [-1.0, 51 / 255 * 2 - 1, 1.0], atol=1e-6)
+
+
+def test_decode_png_and_jpeg_roundtrip():
+  img = np.random.default_rng(3).integers(0, 256, size=(8, 9, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(transforms.decode_image(_png(img)), img)
+  jpeg = transforms.decode_image(_png(img, "JPEG"))
+  assert jpeg.shape == (8, 9, 3) and jpeg.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------- normalization
+
+
+def test_zscore_and_quantile_match_numpy(norm_stats):
+  x = np.random.default_rng(4).normal(size=(5, 7)).astype(np.float32)
+  s = norm_stats["actions"]
+  np.testing.assert_allclose(transforms.normalize(x, s, "zscore"),
+                             (x - s["mean"]) / (s["std"] + 1e-6), rtol=1e-6)
+  np.testing.assert_allclose(transforms.normalize(x, s, "quantile"),
+                             (x - s["q01"]) / (s["q99"] - s["q01"] + 1e-6) * 2 - 1, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="normalization"):
+    transforms.normalize(x, s, "minmax")
+
+
+def test_quantile_without_quantiles_names_key(norm_stats):
+  s = dict(norm_stats["state"], q01=None, q99=None)
+  with pytest.raises(ValueError, match="'state'.*q01"):
+    transforms.normalize(np.zeros(8, np.float32), s, "quantile", key="state")
+
+
+def test_load_norm_stats_file_and_checkpoint_assets_dir(tmp_path, norm_stats):
+  payload = {"norm_stats": {k: {n: v.tolist() for n, v in d.items()} for k, d in norm_stats.items()}}
+  nested = tmp_path / "ckpt" / "assets" / "physical-intelligence" / "libero"
+  nested.mkdir(parents=True)
+  (nested / "norm_stats.json").write_text(json.dumps(payload))
+  for path in (str(nested / "norm_stats.json"), str(tmp_path / "ckpt")):
+    loaded = transforms.load_norm_stats(path)
+    np.testing.assert_allclose(loaded["state"]["std"], norm_stats["state"]["std"])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="norm_stats.json"):
+    transforms.load_norm_stats(str(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    transforms.load_norm_stats(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------------------- full frame
+
+
+def test_frame_to_batch_format(norm_stats):
+  frame = _frame()
+  ex = _transform(norm_stats)(7, records.encode_frame(frame))
+  assert set(ex["image"]) == set(transforms.IMAGE_KEYS) == set(ex["image_mask"])
+  for key in transforms.IMAGE_KEYS:
+    assert ex["image"][key].shape == (SIZE, SIZE, 3) and ex["image"][key].dtype == np.float32
+    assert ex["image"][key].min() >= -1 and ex["image"][key].max() <= 1
+  assert [bool(ex["image_mask"][k]) for k in transforms.IMAGE_KEYS] == [True, True, False]
+  np.testing.assert_array_equal(ex["image"]["right_wrist_0_rgb"], -1.0)
+  # base <- image: the non-augmented example is resize_with_pad + scaling of the decoded PNG.
+  base = np.asarray(Image.open(io.BytesIO(frame["image"])))
+  np.testing.assert_allclose(ex["image"]["base_0_rgb"],
+                             transforms.resize_with_pad(base, SIZE, SIZE) / 255 * 2 - 1, atol=1e-6)
+
+  s, a = norm_stats["state"], norm_stats["actions"]
+  assert ex["state"].shape == (ACTION_DIM,) and ex["state"].dtype == np.float32
+  np.testing.assert_allclose(ex["state"][:8], (frame["state"] - s["mean"]) / (s["std"] + 1e-6), rtol=1e-5)
+  np.testing.assert_array_equal(ex["state"][8:], 0)  # padded after normalization
+  assert ex["actions"].shape == (HORIZON, ACTION_DIM) and ex["actions"].dtype == np.float32
+  np.testing.assert_allclose(ex["actions"][:, :7],
+                             (frame["actions"][:HORIZON] - a["mean"]) / (a["std"] + 1e-6), rtol=1e-5)
+  np.testing.assert_array_equal(ex["actions"][:, 7:], 0)
+  np.testing.assert_array_equal(ex["actions_is_pad"], [False, False, False, True])
+
+  tok = tokenizer.PromptTokenizer(tokenizer.SYNTHETIC_TOKENIZER, MAX_LEN)
+  ids = tok.encode(frame["prompt"])
+  assert ex["tokenized_prompt"].dtype == np.int32 and ex["tokenized_prompt"].shape == (MAX_LEN,)
+  np.testing.assert_array_equal(ex["tokenized_prompt"][:len(ids)], ids)
+  np.testing.assert_array_equal(ex["tokenized_prompt"][len(ids):], 0)
+  np.testing.assert_array_equal(ex["tokenized_prompt_mask"], np.arange(MAX_LEN) < len(ids))
+
+
+def test_delta_actions_before_normalization(norm_stats):
+  frame = _frame()
+  ex = _transform(norm_stats, delta_action_dims=6)(0, records.encode_frame(frame))
+  a = norm_stats["actions"]
+  expected = frame["actions"][:HORIZON].copy()
+  for t in range(HORIZON):
+    for d in range(6):
+      expected[t, d] -= frame["state"][d]
+  np.testing.assert_allclose(ex["actions"][:, :7], (expected - a["mean"]) / (a["std"] + 1e-6),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_quantile_padding_is_zero(norm_stats):
+  ex = _transform(norm_stats, normalization="quantile")(0, records.encode_frame(_frame()))
+  q = norm_stats["state"]
+  np.testing.assert_allclose(ex["state"][:8], (_frame()["state"] - q["q01"]) / (q["q99"] - q["q01"] + 1e-6) * 2 - 1,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(ex["state"][8:], 0)
+
+
+def _is_function_of_color(src: np.ndarray, out: np.ndarray) -> bool:
+  """True when equal input colors always map to equal output colors (no geometric change)."""
+  colors = src.reshape(-1, 3)
+  flat = out.reshape(-1, 3)
+  _, inverse = np.unique(colors, axis=0, return_inverse=True)
+  for c in np.unique(inverse):
+    group = flat[inverse.ravel() == c]
+    if np.ptp(group, axis=0).max() > 1e-5:
+      return False
+  return True
+
+
+def test_augmentation(norm_stats):
+  data = records.encode_frame(_frame())
+  plain = _transform(norm_stats)(0, data)
+  aug = _transform(norm_stats, augment=True, seed=11)
+  a1, a2 = aug(0, data, example_index=5), aug(0, data, example_index=5)
+  other_index = aug(0, data, example_index=6)
+  other_seed = _transform(norm_stats, augment=True, seed=12)(0, data, example_index=5)
+  for key in ("base_0_rgb", "left_wrist_0_rgb"):
+    img = a1["image"][key]
+    assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.float32
+    assert img.min() >= -1 and img.max() <= 1
+    np.testing.assert_array_equal(img, a2["image"][key])  # deterministic per (seed, index)
+    assert not np.allclose(img, plain["image"][key], atol=1e-2)  # actually changes the image
+    assert not np.allclose(img, other_index["image"][key], atol=1e-2)
+    assert not np.allclose(img, other_seed["image"][key], atol=1e-2)
+  # Wrist: colors only. Base: geometry changes too (the sharp edge moves).
+  assert _is_function_of_color(plain["image"]["left_wrist_0_rgb"], a1["image"]["left_wrist_0_rgb"])
+  assert not _is_function_of_color(plain["image"]["base_0_rgb"], a1["image"]["base_0_rgb"])
+  # The absent camera stays black and masked; non-image fields are untouched by augmentation.
+  np.testing.assert_array_equal(a1["image"]["right_wrist_0_rgb"], -1.0)
+  for key in ("state", "actions", "tokenized_prompt"):
+    np.testing.assert_array_equal(a1[key], plain[key])
+
+
+def test_color_jitter_factor_ranges():
+  # A gray image stays gray under contrast/saturation; only brightness moves it: 100 * U(0.7, 1.3).
+  gray = np.full((4, 4, 3), 100, np.uint8)
+  vals = [int(transforms.color_jitter(gray, transforms.example_rng(0, i))[0, 0, 0]) for i in range(200)]
+  assert 70 <= min(vals) < 75 and 125 < max(vals) <= 130
+  # Saturation alone: a gray-world check of the blend with the grayscale image (ITU-R 601 luma).
+  rgb = np.array([[[200, 50, 100]]], np.uint8)
+  out = transforms.color_jitter(rgb, transforms.example_rng(0, 0)).astype(float)
+  rng = transforms.example_rng(0, 0)
+  b, c, s = rng.uniform(0.7, 1.3), rng.uniform(0.6, 1.4), rng.uniform(0.5, 1.5)
+  x = np.clip(rgb * b, 0, 255)
+  x = np.clip(_luma(x).mean() + c * (x - _luma(x).mean()), 0, 255)  # mean gray of one pixel
+  x = np.clip(_luma(x)[..., None] + s * (x - _luma(x)[..., None]), 0, 255)
+  np.testing.assert_allclose(out, x, atol=3)  # PIL rounds to uint8 after every step
+
+
+def _luma(x):
+  return x @ np.array([0.299, 0.587, 0.114])
+
+
+def test_crop_rotate_keeps_shape_and_dtype():
+  img = np.random.default_rng(5).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
+  out = transforms.crop_resize_rotate(img, transforms.example_rng(0, 0))
+  assert out.shape == img.shape and out.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_corrupt_image_names_field_and_record(norm_stats):
+  frame = _frame()
+  frame["wrist_image"] = b"\x89PNG not really"
+  with pytest.raises(records.RecordError, match=r"record 42.*episode 3 frame 5.*'wrist_image'"):
+    _transform(norm_stats)(42, records.encode_frame(frame))
+
+
+def test_undecodable_record_names_index(norm_stats):
+  with pytest.raises(records.RecordError, match="record 9"):
+    _transform(norm_stats)(9, b"\x00garbage")
+
+
+def test_bad_shapes_name_field(norm_stats):
+  frame = _frame()
+  frame["actions"] = np.zeros((2, 7), np.float32)
+  frame["actions_is_pad"] = np.zeros(2, bool)
+  with pytest.raises(records.RecordError, match="'actions'.*action_horizon"):
+    _transform(norm_stats)(0, records.encode_frame(frame))
+  frame = _frame()
+  with pytest.raises(records.RecordError, match="state.*action_dim"):
+    _transform(norm_stats, action_dim=4)(0, records.encode_frame(frame))

@@ -1,0 +1,333 @@
+"""Pi0: masks, embeddings, flow-matching loss, cached sampling, loss modes."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pipeline.models import build_model
+from pipeline.models import pi0 as pi0_lib
+
+B = 2
+IMAGE = 16
+TOKENS = 6
+H = 4
+A = 8
+KEYS = pi0_lib.IMAGE_KEYS
+
+TINY = dict(
+    paligemma_variant='tiny', action_expert_variant='tiny_small',
+    vision_variant='tiny', image_size=IMAGE, action_dim=A, action_horizon=H,
+    max_token_len=TOKENS, vocab_size=64, dtype='float32', remat=True,
+    energy_head=True, use_energy_loss=False, train_only_energy_model=False,
+    energy_hidden=16, energy_heads=2, energy_layers=1, energy_act_dim=3,
+    energy_tau=0.5, energy_weight=0.1, energy_dropout=0.0)
+
+
+def make_obs(seed=0, b=B):
+  rng = np.random.RandomState(seed)
+  mask = np.ones((b, TOKENS), bool)
+  mask[0, 4:] = False  # right padding in the first example
+  tokens = rng.randint(1, 64, (b, TOKENS)).astype(np.int32) * mask
+  return {
+      'image': {k: rng.uniform(-1, 1, (b, IMAGE, IMAGE, 3)).astype(np.float32)
+                for k in KEYS},
+      'image_mask': {KEYS[0]: np.ones(b, bool), KEYS[1]: np.ones(b, bool),
+                     KEYS[2]: np.array([False] + [True] * (b - 1))},
+      'state': rng.randn(b, A).astype(np.float32),
+      'tokenized_prompt': tokens,
+      'tokenized_prompt_mask': mask,
+  }
+
+
+@pytest.fixture(scope='module')
+def model():
+  return build_model(TINY, nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def obs():
+  return make_obs()
+
+
+@pytest.fixture(scope='module')
+def actions():
+  return np.random.RandomState(1).randn(B, H, A).astype(np.float32)
+
+
+encode_prefix = nnx.jit(lambda m, o: m.encode_prefix(o))
+velocity_full = nnx.jit(lambda m, o, x, t: m.velocity_full(o, x, t))
+compute_loss = nnx.jit(lambda m, r, o, a: m.compute_loss(r, o, a))
+
+
+# -------------------------------------------------------------- pure pieces
+
+
+def test_attn_mask_toy_sequence():
+  # 3 prefix tokens (last one padding), state token, 2 action tokens.
+  input_mask = np.array([[1, 1, 0, 1, 1, 1]], bool)
+  ar_mask = np.array([0, 0, 0, 1, 1, 0], bool)
+  want = np.array([
+      # keys: p0 p1 pad st a0 a1
+      [1, 1, 0, 0, 0, 0],  # p0: bidirectional prefix, no suffix
+      [1, 1, 0, 0, 0, 0],  # p1
+      [0, 0, 0, 0, 0, 0],  # pad attends nothing
+      [1, 1, 0, 1, 0, 0],  # state: prefix + itself
+      [1, 1, 0, 1, 1, 1],  # actions: prefix, state, all actions
+      [1, 1, 0, 1, 1, 1],
+  ], bool)
+  got = pi0_lib.make_attn_mask(jnp.asarray(input_mask), jnp.asarray(ar_mask))
+  np.testing.assert_array_equal(np.asarray(got)[0], want)
+
+
+def test_posemb_sincos_matches_numpy():
+  t = np.array([0.001, 0.5, 1.0], np.float32)
+  got = np.asarray(pi0_lib.posemb_sincos(jnp.asarray(t), 8, 4e-3, 4.0))
+  periods = 4e-3 * (4.0 / 4e-3)**np.linspace(0, 1, 4)
+  arg = t[:, None] * 2 * np.pi / periods[None]
+  np.testing.assert_allclose(got, np.concatenate([np.sin(arg), np.cos(arg)],
+                                                 -1), rtol=1e-5, atol=1e-5)
+
+
+def test_embed_suffix_matches_numpy(model):
+  rng = np.random.RandomState(5)
+  state = rng.randn(B, A).astype(np.float32)
+  x_t = rng.randn(B, H, A).astype(np.float32)
+  t = np.array([0.3, 0.9], np.float32)
+  tokens, input_mask, ar_mask = model.embed_suffix(jnp.asarray(state),
+                                                   jnp.asarray(x_t),
+                                                   jnp.asarray(t))
+  p = nnx.state(model, nnx.Param).to_pure_dict()
+  lin = lambda name, x: x @ np.asarray(p[name]['kernel']) + np.asarray(
+      p[name]['bias'])
+  w = model.expert_width
+  periods = 4e-3 * (4.0 / 4e-3)**np.linspace(0, 1, w // 2)
+  arg = t[:, None] * 2 * np.pi / periods
+  temb = np.concatenate([np.sin(arg), np.cos(arg)], -1)
+  h = np.concatenate([lin('action_in_proj', x_t),
+                      np.repeat(temb[:, None], H, 1)], -1)
+  h = lin('action_time_mlp_in', h)
+  h = lin('action_time_mlp_out', h / (1 + np.exp(-h)))
+  want = np.concatenate([lin('state_proj', state)[:, None], h], 1)
+  np.testing.assert_allclose(np.asarray(tokens), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(ar_mask),
+                                [True, True] + [False] * (H - 1))
+  assert np.asarray(input_mask).all()
+
+
+# ------------------------------------------------------------ flow matching
+
+
+def test_flow_loss_matches_numpy(model, obs, actions):
+  rng = jax.random.key(7)
+  loss = np.asarray(compute_loss(model, rng, obs, actions))
+  assert loss.shape == (B, H)
+  # Same draws as the model: split into (noise, time) keys.
+  noise_rng, time_rng = jax.random.split(rng)
+  noise = np.asarray(jax.random.normal(noise_rng, actions.shape))
+  time = np.asarray(jax.random.beta(time_rng, 1.5, 1.0, (B,))) * 0.999 + 0.001
+  t = time[:, None, None]
+  x_t = t * noise + (1 - t) * actions
+  v_t, _, _ = velocity_full(model, obs, jnp.asarray(x_t, jnp.float32),
+                            jnp.asarray(time, jnp.float32))
+  want = np.mean((np.asarray(v_t) - (noise - actions))**2, axis=-1)
+  np.testing.assert_allclose(loss, want, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_prefix_equals_prefix_of_joint_pass(model, obs, actions):
+  out, mask = encode_prefix(model, obs)
+  s = 3 * (IMAGE // 8)**2 + TOKENS
+  assert out.shape == (B, s, 32) and mask.shape == (B, s)
+  _, joint_out, joint_mask = velocity_full(model, obs, jnp.asarray(actions),
+                                           jnp.full((B,), 0.5))
+  np.testing.assert_array_equal(np.asarray(mask), np.asarray(joint_mask))
+  m = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(out)[m], np.asarray(joint_out)[m],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_padding_and_masked_images_do_not_change_valid_outputs(
+    model, obs, actions):
+  changed = make_obs()
+  changed['tokenized_prompt'] = changed['tokenized_prompt'].copy()
+  changed['tokenized_prompt'][0, 4:] = 17  # padded prompt positions
+  changed['image'][KEYS[2]] = changed['image'][KEYS[2]].copy()
+  changed['image'][KEYS[2]][0] = 0.9  # image of example 0 is masked out
+  out_a, mask = encode_prefix(model, obs)
+  out_b, _ = encode_prefix(model, changed)
+  m = np.asarray(mask)
+  assert not m.all()
+  np.testing.assert_allclose(np.asarray(out_a)[m], np.asarray(out_b)[m],
+                             rtol=1e-6, atol=1e-6)
+  rng = jax.random.key(3)
+  np.testing.assert_allclose(np.asarray(compute_loss(model, rng, obs, actions)),
+                             np.asarray(compute_loss(model, rng, changed,
+                                                     actions)),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_uint8_images_match_float(model):
+  o = make_obs(seed=4)
+  u8 = {k: np.random.RandomState(i).randint(0, 256, (B, IMAGE, IMAGE, 3))
+        .astype(np.uint8) for i, k in enumerate(KEYS)}
+  o_u8 = dict(o, image=u8)
+  o_f = dict(o, image={k: v.astype(np.float32) / 255 * 2 - 1
+                       for k, v in u8.items()})
+  np.testing.assert_allclose(np.asarray(encode_prefix(model, o_u8)[0]),
+                             np.asarray(encode_prefix(model, o_f)[0]),
+                             rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_cached_sampling_equals_uncached_euler(model, obs):
+  steps = 3
+  noise = jnp.asarray(np.random.RandomState(9).randn(B, H, A), jnp.float32)
+  sample = nnx.jit(lambda m, o, n: m.sample_actions(
+      jax.random.key(0), o, num_steps=steps, noise=n))
+  cached = np.asarray(sample(model, obs, noise))
+  x = noise
+  dt = -1.0 / steps
+  for i in range(steps):
+    v, _, _ = velocity_full(model, obs, x, jnp.full((B,), 1.0 + i * dt))
+    x = x + dt * v
+  np.testing.assert_allclose(cached, np.asarray(x), rtol=1e-4, atol=1e-4)
+  assert np.isfinite(cached).all()
+
+
+def test_refine_moves_only_energy_dims(model, obs):
+  noise = jnp.asarray(np.random.RandomState(10).randn(B, H, A), jnp.float32)
+  sample = nnx.jit(lambda m, o, n: m.sample_actions(
+      jax.random.key(0), o, num_steps=2, noise=n, refine_steps=2,
+      refine_step_size=0.5, refine_max_step=0.5))
+  plain = nnx.jit(lambda m, o, n: m.sample_actions(
+      jax.random.key(0), o, num_steps=2, noise=n))
+  a = np.asarray(plain(model, obs, noise))
+  r = np.asarray(sample(model, obs, noise))
+  np.testing.assert_allclose(r[..., 3:], a[..., 3:], rtol=1e-6, atol=1e-6)
+  assert np.abs(r[..., :3] - a[..., :3]).max() > 0
+
+
+# -------------------------------------------------------------- loss modes
+
+
+def _grads(cfg_overrides, obs, actions, poison_expert=False):
+  m = build_model(dict(TINY, **cfg_overrides), nnx.Rngs(0))
+  if poison_expert:
+    # NaN action-expert weights: any use of the expert would poison the loss.
+    mlp = m.PaliGemma['llm'].layers.mlp_1
+    mlp.linear.value = jnp.full(mlp.linear.shape, jnp.nan)
+
+  @nnx.jit
+  def step(m, rng, obs, actions):
+    def f(m):
+      return m.compute_train_loss(rng, obs, actions)
+    (loss, metrics), g = nnx.value_and_grad(f, has_aux=True)(m)
+    return loss, metrics, g
+
+  loss, metrics, g = step(m, jax.random.key(0), obs, actions)
+  flat = {'/'.join(str(k.key) for k in path): np.asarray(v) for path, v in
+          jax.tree_util.tree_flatten_with_path(g.to_pure_dict())[0]}
+  return float(loss), {k: float(v) for k, v in metrics.items()}, flat
+
+
+@pytest.fixture(scope='module')
+def monitor_run(obs, actions):
+  return _grads({}, obs, actions)
+
+
+def _norm(flat, prefix):
+  return sum(float(np.abs(v).sum()) for k, v in flat.items()
+             if k.startswith(prefix))
+
+
+def test_monitor_mode(monitor_run):
+  loss, metrics, g = monitor_run
+  assert set(metrics) == {'flow_loss', 'energy_loss', 'E_pos', 'E_neg',
+                          'energy_accuracy'}
+  assert math.isfinite(loss) and loss == pytest.approx(metrics['flow_loss'])
+  assert all(math.isfinite(v) for v in metrics.values())
+  assert all(np.isfinite(v).all() for v in g.values())
+  assert _norm(g, 'energy/') == 0.0
+  assert _norm(g, 'PaliGemma/llm/layers/mlp/') > 0
+  assert _norm(g, 'PaliGemma/img/') > 0
+  assert _norm(g, 'action_out_proj/') > 0
+
+
+def test_joint_mode(monitor_run, obs, actions):
+  loss, metrics, g = _grads({'use_energy_loss': True}, obs, actions)
+  m_loss, m_metrics, m_g = monitor_run
+  assert metrics['flow_loss'] == pytest.approx(m_metrics['flow_loss'],
+                                               rel=1e-5)
+  assert loss == pytest.approx(
+      metrics['flow_loss'] + 0.1 * metrics['energy_loss'], rel=1e-5)
+  assert _norm(g, 'energy/') > 0
+  # The energy gradient reaches the prefix expert but not the action expert.
+  key = 'PaliGemma/llm/layers/mlp/linear'
+  assert np.abs(g[key] - m_g[key]).max() > 1e-7
+  key1 = 'action_out_proj/kernel'
+  np.testing.assert_allclose(g[key1], m_g[key1], rtol=1e-5, atol=1e-7)
+
+
+def test_energy_only_mode(obs, actions):
+  loss, metrics, g = _grads({'train_only_energy_model': True}, obs, actions,
+                            poison_expert=True)
+  assert 'flow_loss' not in metrics
+  assert set(metrics) == {'energy_loss', 'E_pos', 'E_neg', 'energy_accuracy'}
+  assert math.isfinite(loss) and loss == pytest.approx(metrics['energy_loss'])
+  assert _norm(g, 'energy/') > 0
+  others = [k for k in g if not k.startswith('energy/')]
+  assert all(not np.abs(g[k]).any() for k in others)
+
+
+# ------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs(model, obs, actions):
+  bad = dict(obs, image={k: v for k, v in obs['image'].items()
+                         if k != KEYS[1]})
+  with pytest.raises(KeyError, match='left_wrist_0_rgb'):
+    model.check_observation(bad)
+  bad = dict(obs, image=dict(obs['image'],
+                             base_0_rgb=np.zeros((B, 8, 8, 3), np.float32)))
+  with pytest.raises(ValueError, match=r"\['base_0_rgb'\] has shape"):
+    model.check_observation(bad)
+  with pytest.raises(ValueError, match='state'):
+    model.check_observation(dict(obs, state=np.zeros((B, A + 1))))
+  with pytest.raises(ValueError, match='actions have shape'):
+    model.compute_loss(jax.random.key(0), obs, actions[..., :-1])
+  with pytest.raises(ValueError, match='Unknown Gemma variant'):
+    build_model(dict(TINY, paligemma_variant='nope'), nnx.Rngs(0))
+  with pytest.raises(ValueError, match='mutually exclusive'):
+    build_model(dict(TINY, use_energy_loss=True,
+                     train_only_energy_model=True), nnx.Rngs(0))
+
+
+def test_long_prompt_is_truncated_with_warning(model, obs, caplog):
+  long = dict(obs)
+  long['tokenized_prompt'] = np.concatenate(
+      [obs['tokenized_prompt'], np.full((B, 3), 5, np.int32)], 1)
+  long['tokenized_prompt_mask'] = np.concatenate(
+      [obs['tokenized_prompt_mask'], np.ones((B, 3), bool)], 1)
+  with caplog.at_level('WARNING'):
+    checked = model.check_observation(long)
+  assert 'truncating' in caplog.text
+  np.testing.assert_array_equal(np.asarray(checked['tokenized_prompt']),
+                                obs['tokenized_prompt'])
+
+
+def test_bfloat16_compute_keeps_f32_params(obs, actions):
+  cfg = dict(TINY, dtype='bfloat16', energy_head=False)
+  m = build_model(cfg, nnx.Rngs(1))
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  out, _ = encode_prefix(m, obs)
+  assert out.dtype == jnp.bfloat16
+  assert m.energy is None
+  loss = compute_loss(m, jax.random.key(0), obs, actions)
+  assert loss.dtype == jnp.float32 and np.isfinite(np.asarray(loss)).all()

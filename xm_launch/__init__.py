@@ -1,0 +1,1 @@
+"""XManager launcher for Cloud TPU VMs (own virtual environment)."""
