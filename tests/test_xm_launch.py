@@ -65,6 +65,8 @@ def _read_argv(path):
         ('v6e-8', 'tpu_v6e', 8, 'v6e-8', 8, 1),
         ('v6e:2x4', 'tpu_v6e', '2x4', 'v6e-8', 8, 1),
         ('v6e-64', 'tpu_v6e', 64, 'v6e-64', 64, 16),
+        ('v5e:2x2', 'tpu_v5e', '2x2', 'v5litepod-4', 4, 1),
+        ('v4:2x2x1', 'tpu_v4', '2x2x1', 'v4-8', 4, 1),
     ])
 def test_parse_tpu(spec, resource, quantity, accelerator_type, chips, hosts):
   tpu = launch.parse_tpu(spec)
@@ -84,11 +86,13 @@ def test_parse_tpu(spec, resource, quantity, accelerator_type, chips, hosts):
         ('tpu_v4=8', 'unknown TPU type'),
         ('v4-x', "count 'x' is not a positive integer"),
         ('v4-0', 'is not a positive integer'),
-        ('v4-6', 'multiple of 8'),
-        ('v5e-2', '1, 4 or a multiple of 8'),
+        ('v4-6', 'multiple of 8 TensorCores (4 chips), got 6'),
+        ('v5e-2', '1, 4 or a multiple of 8 chips, got 2'),
         ('v4:2x2', 'topology must look like NxNxN'),
         ('v5e:4x4x1', 'topology must look like NxN'),
         ('v5e:4x0', 'topology must look like NxN'),
+        ('v4:1x1x1', 'multiple of 8 TensorCores (4 chips), got 2'),
+        ('v5e:1x2', '1, 4 or a multiple of 8 chips, got 2'),
     ])
 def test_parse_tpu_rejects(spec, fragment):
   with pytest.raises(launch.LaunchError, match='--tpu') as info:

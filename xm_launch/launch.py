@@ -138,7 +138,7 @@ def parse_tpu(spec: str) -> TpuSpec:
       raise LaunchError(
           f'--tpu={spec!r}: TPU {version} topology must look like {shape} '
           'with positive integers.')
-    chips = math.prod(int(d) for d in dims)
+    count = math.prod(int(d) for d in dims) * family.cores_per_chip
     quantity: Union[int, str] = size
   else:
     if not size.isdigit() or int(size) <= 0:
@@ -146,17 +146,17 @@ def parse_tpu(spec: str) -> TpuSpec:
           f'--tpu={spec!r}: count {size!r} is not a positive integer; '
           f'expected {_TPU_FORMS}.')
     count = int(size)
-    # Multi-core chips come in hosts of 8 cores; v5e/v6e hosts hold 1, 4 or 8.
-    if family.cores_per_chip > 1 and count % 8:
-      raise LaunchError(
-          f'--tpu={spec!r}: TPU {version} counts TensorCores and must be a '
-          'multiple of 8 (v4-8, v4-16, ...).')
-    if family.cores_per_chip == 1 and count not in (1, 4) and count % 8:
-      raise LaunchError(
-          f'--tpu={spec!r}: TPU {version} chip count must be 1, 4 or a '
-          'multiple of 8.')
-    chips = count // family.cores_per_chip
     quantity = count
+  # Multi-core chips come in hosts of 8 cores; v5e/v6e hosts hold 1, 4 or 8.
+  if family.cores_per_chip > 1 and count % 8:
+    raise LaunchError(
+        f'--tpu={spec!r}: TPU {version} slices have a multiple of 8 '
+        f'TensorCores (4 chips), got {count} (v4-8, v4-16, ...).')
+  if family.cores_per_chip == 1 and count not in (1, 4) and count % 8:
+    raise LaunchError(
+        f'--tpu={spec!r}: TPU {version} slices have 1, 4 or a multiple of 8 '
+        f'chips, got {count}.')
+  chips = count // family.cores_per_chip
   # Single-host v5e/v6e machines hold up to 8 chips; everything else 4/host.
   if family.cores_per_chip == 1 and chips <= 8:
     num_hosts = 1
@@ -166,8 +166,7 @@ def parse_tpu(spec: str) -> TpuSpec:
       version=version,
       resource=family.resource,
       quantity=quantity,
-      accelerator_type=(
-          f'{family.gcloud_prefix}-{chips * family.cores_per_chip}'),
+      accelerator_type=f'{family.gcloud_prefix}-{count}',
       chips=chips,
       num_hosts=num_hosts)
 

@@ -245,15 +245,15 @@ def make_frame_transform(config: ml_collections.ConfigDict, *, augment: bool,
 
 def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int,
                        process_count: int, per_process: int) -> grain.MapDataset:
-  """Records of the split in stream order, tagged with their global position, this process's stride."""
+  """Split records in stream order, tagged with global position; this process's stride."""
   rows = split_episodes(info, _cfg(config, "eval_fraction"), _cfg(config, "split_seed"))[split]
   indices = info.record_indices(rows)
   if split == "eval":
     # Whole global batches only, so that every process yields the same number of batches.
     usable = len(indices) // (per_process * process_count) * per_process * process_count
     if usable == 0:
-      raise ValueError(f"eval split has {len(indices)} records ({len(rows)} episodes), fewer than one "
-                       f"global batch of config.batch_size={config.batch_size}; raise "
+      raise ValueError(f"eval split has {len(indices)} records ({len(rows)} episodes), fewer "
+                       f"than one global batch of config.batch_size={config.batch_size}; raise "
                        "config.data.eval_fraction or lower the batch size")
     indices = indices[:usable]
   elif len(indices) == 0:

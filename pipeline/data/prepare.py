@@ -15,13 +15,23 @@ Output directory:
       state and every frame's own action. openpi instead pools all H actions of every chunk,
       which counts each action up to H times and over-weights the last action of an episode
       (the padding); the per-frame version is the same data without that weighting.
-  manifest.json     what was converted and how (see `_manifest`); `complete: true` is written
-      last, after every shard and the stats, and `open_prepared` refuses anything else.
+  manifest.json     what was converted and how; `complete: true` is written last, after every
+      shard and the stats, and `open_prepared` refuses anything else:
+        version (of this layout, 1), format ('lerobot_v2' | 'lerobot_v3' | 'rlds'),
+        source_version (e.g. 'v2.1'), source (absolute path), action_horizon, created,
+        record_codec, num_episodes, num_records (= num_frames), num_tasks, num_skipped,
+        tasks [{task_index, task}] (the source's task table),
+        features {name: {dtype, shape[, encoding]}} of a record,
+        norm_stats ('norm_stats.json'), norm_stats_actions (how action stats were taken),
+        shards [{path, num_records, episodes [episode_index]}] (global record order = shard order),
+        episodes [{episode_index, task_index, task, length, shard, start, end}] (global record
+          range [start, end) of the episode's frames),
+        skipped [{episode_index, path, field, reason}], complete.
 
-Atomicity: everything is written into a sibling `.<dst name>.tmp-<host>-<pid>` directory that is renamed
-to `dst` only once complete, so `dst` either does not exist or is a complete dataset. A killed run
-leaves only the temporary directory, whose manifest says `complete: false`; the next run on the
-same host removes it if its process is gone.
+Atomicity: everything is written into a sibling `.<dst name>.tmp-<host>-<pid>` directory that is
+renamed to `dst` only once complete, so `dst` either does not exist or is a complete dataset. A
+killed run leaves only the temporary directory, whose manifest says `complete: false`; the next
+run on the same host removes it if its process is gone.
 
 Bad input: a corrupt image (checked without decoding pixels by default: signature, end marker and
 header; `--verify_images=full` decodes every image), a missing column or key, a NaN state or
@@ -51,8 +61,9 @@ from pipeline.data import sources
 MANIFEST = "manifest.json"
 NORM_STATS = "norm_stats.json"
 MANIFEST_VERSION = 1
-# group_size:1 keeps every record its own chunk, so random access reads one record only.
-WRITER_OPTIONS = "group_size:1"
+# group_size:1 keeps every record its own chunk, so random access reads one record only; no
+# compression since the bulk of a record is already-compressed PNG/JPEG bytes.
+WRITER_OPTIONS = "group_size:1,uncompressed"
 SHARD_PATTERN = "frames-{index:05d}-of-{count:05d}.array_record"
 
 
@@ -227,6 +238,12 @@ class PreparedDataset:
   def frame(self, index: int) -> dict[str, Any]:
     """The decoded frame at global `index`."""
     return records.decode_frame(self.read_record(index))
+
+  def __getstate__(self):
+    # Open readers stay behind when the object is sent to a worker process.
+    state = dict(self.__dict__)
+    state["_readers"] = {}
+    return state
 
   def close(self) -> None:
     for reader in self._readers.values():
@@ -463,7 +480,12 @@ def ensure_prepared(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) ->
     return dst
   if (dst / MANIFEST).is_file():
     kwargs["overwrite"] = True
-  return prepare(src, dst, **kwargs)
+  try:
+    return prepare(src, dst, **kwargs)
+  except PrepareError:
+    if is_complete(dst):  # another process on a shared file system finished first
+      return dst
+    raise
 
 
 def _bool(text: str) -> bool:

@@ -582,6 +582,34 @@ def write_dataset(root, format: str, num_episodes: int, **kwargs) -> Path:
   return write_lerobot_dataset(root, num_episodes, version=versions[format], **kwargs)
 
 
+def ensure_dataset(root, format: str = "lerobot_v21", num_episodes: int = 20,
+                   **kwargs) -> Path:
+  """Writes a synthetic dataset at `root` unless one is there already; returns `root`.
+
+  Writes into a temporary sibling that is renamed into place, so an interrupted run never leaves
+  a partial dataset at `root`.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  root = Path(root)
+  marker = "dataset_info.json" if format == "rlds" else "meta/info.json"
+  if (root / marker).is_file():
+    return root
+  if root.exists() and any(root.iterdir()):
+    raise FileExistsError(f"{root} exists but holds no {format} dataset ({marker} missing)")
+  tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    write_dataset(tmp, format, num_episodes, **kwargs)
+    if root.exists():
+      root.rmdir()
+    os.rename(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return root
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--dst", required=True, help="output directory")

@@ -32,6 +32,7 @@ SYNTHETIC_VOCAB_SIZE = 512
 _SPECIAL_IDS = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)
 
 _log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 def _read_bytes(path: str) -> bytes:
@@ -49,12 +50,14 @@ def load_processor(path: str) -> spm.SentencePieceProcessor:
   try:
     proto = _read_bytes(path)
   except Exception as e:
-    raise FileNotFoundError(f"cannot read tokenizer model config.data.tokenizer_path={path!r}: {e}") from e
+    raise FileNotFoundError(
+        f"cannot read tokenizer model config.data.tokenizer_path={path!r}: {e}") from e
   sp = spm.SentencePieceProcessor()
   try:
     sp.LoadFromSerializedProto(proto)
   except Exception as e:
-    raise ValueError(f"config.data.tokenizer_path={path!r} is not a sentencepiece model: {e}") from e
+    raise ValueError(
+        f"config.data.tokenizer_path={path!r} is not a sentencepiece model: {e}") from e
   return sp
 
 
@@ -96,8 +99,10 @@ class PromptTokenizer:
   def __call__(self, prompt: str) -> tuple[np.ndarray, np.ndarray]:
     ids = self.encode(prompt)
     if len(ids) > self.max_len:
-      _log.warning("prompt of %d tokens truncated to model.max_token_len=%d: %r", len(ids),
-                   self.max_len, prompt)
+      if prompt not in _warned:  # Once per prompt and process: training repeats prompts a lot.
+        _warned.add(prompt)
+        _log.warning("prompt of %d tokens truncated to model.max_token_len=%d: %r", len(ids),
+                     self.max_len, prompt)
       ids = ids[:self.max_len]
     tokens = np.zeros(self.max_len, np.int32)
     tokens[:len(ids)] = ids
@@ -129,7 +134,9 @@ def load_task_strings(tasks_json: str) -> list[str]:
   return [t for tasks in suites.values() for t in tasks]
 
 
-def write_synthetic_tokenizer(tasks_json: str = LIBERO_TASKS, out: str = SYNTHETIC_TOKENIZER) -> str:
+def write_synthetic_tokenizer(tasks_json: str = LIBERO_TASKS,
+                              out: str = SYNTHETIC_TOKENIZER) -> str:
+  """Trains the synthetic tokenizer on the task strings of `tasks_json`, writes it to `out`."""
   model = train_synthetic_tokenizer(load_task_strings(tasks_json))
   with open(out, "wb") as f:
     f.write(model)
@@ -141,7 +148,8 @@ def _main(argv: list[str]) -> None:
   unknown = set(args) - {"tasks", "out"}
   if unknown:
     raise SystemExit(f"unknown flags {sorted(unknown)}; use --tasks=JSON --out=MODEL")
-  path = write_synthetic_tokenizer(args.get("tasks", LIBERO_TASKS), args.get("out", SYNTHETIC_TOKENIZER))
+  path = write_synthetic_tokenizer(args.get("tasks", LIBERO_TASKS),
+                                   args.get("out", SYNTHETIC_TOKENIZER))
   print(f"wrote {path} (vocab {vocab_size(path)})")
 
 

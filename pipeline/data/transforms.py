@@ -8,8 +8,8 @@ Augmentation (openpi applies it on device with augmax; here it runs on the host 
   non-wrist cameras: random crop of 95% of height/width, resize back, rotate by U(-5, 5) degrees;
   all cameras: color jitter, brightness factor U(0.7, 1.3), contrast U(0.6, 1.4), saturation
   U(0.5, 1.5), applied in that order on uint8 with clipping after each (see color_jitter).
-Randomness comes from a generator seeded by (seed, example index) alone, so an example's augmentation
-does not depend on worker count, thread scheduling or where a run was resumed.
+Randomness comes from a generator seeded by (seed, example index) alone, so an example's
+augmentation does not depend on worker count, thread scheduling or where a run was resumed.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from pipeline.data import tokenizer as tokenizer_lib
 
 IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 # Batch image key <- record field; cameras absent from LIBERO are black images with mask False.
-CAMERA_FIELDS = {"base_0_rgb": "image", "left_wrist_0_rgb": "wrist_image", "right_wrist_0_rgb": None}
+CAMERA_FIELDS = {"base_0_rgb": "image", "left_wrist_0_rgb": "wrist_image",
+                 "right_wrist_0_rgb": None}
 NORMALIZATIONS = ("zscore", "quantile")
 NORM_EPS = 1e-6
 CROP_FRACTION = 0.95
@@ -47,11 +48,12 @@ def decode_image(data: bytes, *, field: str = "image") -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
       return np.asarray(img.convert("RGB"), dtype=np.uint8)
   except Exception as e:  # PIL raises several unrelated types for bad data
-    raise records.RecordError(f"field {field!r}: cannot decode image ({len(data)} bytes): {e}") from e
+    raise records.RecordError(
+        f"field {field!r}: cannot decode image ({len(data)} bytes): {e}") from e
 
 
 def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Resizes uint8 [H, W, C] keeping aspect ratio (PIL bilinear), zero-pads centered to [height, width].
+  """Resizes uint8 [H, W, C] keeping the aspect ratio (PIL bilinear), zero-pads centered.
 
   The scaled size is floor(side / ratio) with ratio = max(W / width, H / height); the image is
   placed at offset floor((target - scaled) / 2) on each axis.
@@ -168,7 +170,8 @@ def load_norm_stats(path: str) -> dict[str, dict[str, np.ndarray | None]]:
   return out
 
 
-def normalize(x: np.ndarray, stats: dict[str, np.ndarray | None], mode: str, *, key: str = "") -> np.ndarray:
+def normalize(x: np.ndarray, stats: dict[str, np.ndarray | None], mode: str, *,
+              key: str = "") -> np.ndarray:
   """Normalizes the last axis of x with the first x.shape[-1] entries of the stats."""
   d = x.shape[-1]
   if mode == "zscore":
@@ -179,7 +182,8 @@ def normalize(x: np.ndarray, stats: dict[str, np.ndarray | None], mode: str, *, 
   if mode == "quantile":
     q01, q99 = stats["q01"], stats["q99"]
     if q01 is None or q99 is None:
-      raise ValueError(f"norm stats {key!r} lack q01/q99, needed by config.data.normalization='quantile'")
+      raise ValueError(f"norm stats {key!r} lack q01/q99, needed by "
+                       "config.data.normalization='quantile'")
     if q01.shape[-1] < d:
       raise ValueError(f"norm stats {key!r} have {q01.shape[-1]} dims, data has {d}")
     q01, q99 = q01[..., :d], q99[..., :d]
@@ -228,7 +232,8 @@ class FrameTransform:
                augment: bool = False, seed: int = 0,
                describe: Callable[[int], str] | None = None, delta_action_dims: int = 0):
     if normalization not in NORMALIZATIONS:
-      raise ValueError(f"config.data.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+      raise ValueError(f"config.data.normalization must be one of {NORMALIZATIONS}, "
+                       f"got {normalization!r}")
     for key in ("state", "actions"):
       if key not in norm_stats:
         raise ValueError(f"norm stats lack {key!r} (have {sorted(norm_stats)})")
@@ -248,7 +253,8 @@ class FrameTransform:
       return self.describe(record_index)
     return f"record {record_index}"
 
-  def __call__(self, record_index: int, data: bytes, example_index: int | None = None) -> dict[str, Any]:
+  def __call__(self, record_index: int, data: bytes,
+               example_index: int | None = None) -> dict[str, Any]:
     """Transforms one record; `example_index` (position in the stream) seeds augmentation.
 
     Raises:

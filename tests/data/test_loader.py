@@ -145,7 +145,8 @@ def test_batch_format(dataset_dir):
   assert set(batch) == {"image", "image_mask", "state", "tokenized_prompt", "tokenized_prompt_mask",
                         "actions", "actions_is_pad"}
   for key in transforms.IMAGE_KEYS:
-    assert batch["image"][key].shape == (b, SIZE, SIZE, 3) and batch["image"][key].dtype == np.float32
+    assert batch["image"][key].shape == (b, SIZE, SIZE, 3)
+    assert batch["image"][key].dtype == np.float32
     assert -1 <= batch["image"][key].min() and batch["image"][key].max() <= 1
     assert batch["image_mask"][key].shape == (b,) and batch["image_mask"][key].dtype == np.bool_
   assert not batch["image_mask"]["right_wrist_0_rgb"].any()
@@ -154,7 +155,8 @@ def test_batch_format(dataset_dir):
   assert batch["actions"].shape == (b, HORIZON, ACTION_DIM) and batch["actions"].dtype == np.float32
   np.testing.assert_array_equal(batch["actions"][..., 7:], 0)
   assert batch["actions_is_pad"].shape == (b, HORIZON) and batch["actions_is_pad"].dtype == np.bool_
-  assert batch["tokenized_prompt"].shape == (b, MAX_LEN) and batch["tokenized_prompt"].dtype == np.int32
+  assert batch["tokenized_prompt"].shape == (b, MAX_LEN)
+  assert batch["tokenized_prompt"].dtype == np.int32
   assert batch["tokenized_prompt_mask"].shape == (b, MAX_LEN)
   assert batch["tokenized_prompt_mask"].dtype == np.bool_
 
@@ -181,13 +183,14 @@ def _checkpoint_and_resume(tmp_path, config, steps_before, steps_after):
 
   it = iter(loader.make_dataset(config, split="train"))
   before = _take(it, steps_before)
-  mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"), options=ocp.CheckpointManagerOptions(create=True))
+  mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"),
+                               options=ocp.CheckpointManagerOptions(create=True))
   mngr.save(steps_before, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)))
   mngr.wait_until_finished()
   _close(it)
   fresh = iter(loader.make_dataset(config, split="train"))
-  restored = mngr.restore(mngr.latest_step(),
-                          args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  restore = ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh))
+  restored = mngr.restore(mngr.latest_step(), args=restore)
   after = _take(restored["data_iter"], steps_after)
   _close(restored["data_iter"])
   mngr.close()
@@ -265,8 +268,8 @@ def test_corrupt_record_named_or_skipped(tmp_path):
   bad = 9  # episode 1, step 4
   directory = _write_small_dataset(tmp_path / "bad", lengths, corrupt={bad})
   config = _config(directory, eval_fraction=0.0)
-  with pytest.raises(Exception, match=r"record 9 \(shard frames-00000-of-00002.array_record, "
-                                      r"entry 9, episode 1 step 4\).*'image'"):
+  where = r"record 9 \(shard frames-00000-of-00002.array_record, entry 9, episode 1 step 4\)"
+  with pytest.raises(records.RecordError, match=where + ".*'image'"):
     for _ in loader.make_dataset(config, split="train"):
       pass
   config = _config(directory, eval_fraction=0.0, skip_bad_records=True)
@@ -308,6 +311,7 @@ def test_to_global_batch_shards_over_all_mesh_axes(dataset_dir):
   assert isinstance(arr, jax.Array) and arr.shape == batch["actions"].shape
   assert arr.sharding.spec == PartitionSpec(("data", "fsdp"))
   assert len(arr.addressable_shards) == 8 and arr.addressable_shards[0].data.shape[0] == 1
-  np.testing.assert_array_equal(np.asarray(out["image"]["base_0_rgb"]), batch["image"]["base_0_rgb"])
+  np.testing.assert_array_equal(np.asarray(out["image"]["base_0_rgb"]),
+                                batch["image"]["base_0_rgb"])
   np.testing.assert_array_equal(np.asarray(out["image_mask"]["right_wrist_0_rgb"]),
                                 batch["image_mask"]["right_wrist_0_rgb"])

@@ -326,7 +326,8 @@ def test_killed_run_is_detected_and_cleaned_up(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == -signal.SIGKILL, proc.stderr
   assert not dst.exists()
-  leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.tmp-" + socket.gethostname() + "-")]
+  prefix = f".dst.tmp-{socket.gethostname()}-"
+  leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(prefix)]
   assert len(leftovers) == 1
   assert json.loads((leftovers[0] / "manifest.json").read_text())["complete"] is False
   assert any(p.suffix == ".array_record" for p in leftovers[0].iterdir())
@@ -395,7 +396,11 @@ def test_ensure_prepared(tmp_path, monkeypatch):
 
 
 def test_records_decode_with_codec(prepared_dataset):
+  import pickle
   ds = prepare.open_prepared(prepared_dataset)
+  ds.frame(1)
+  copy = pickle.loads(pickle.dumps(ds))  # open readers are not carried along
+  assert copy.read_record(1) == ds.read_record(1)
   frame = records.decode_frame(ds.read_record(0))
   assert set(records.FIELDS) <= set(frame)
   assert frame["actions"].shape == (data_conftest.PREPARED_HORIZON, 7)

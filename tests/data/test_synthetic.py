@@ -192,3 +192,18 @@ def test_cli(tmp_path, capsys):
   assert set(tasks) <= set(synthetic.libero_tasks()["libero_object"])
   with pytest.raises(ValueError, match="unknown synthetic format"):
     synthetic.write_dataset(tmp_path / "e", "hdf5", 1)
+
+
+def test_ensure_dataset_writes_once(tmp_path):
+  root = tmp_path / "syn"
+  kw = dict(image_size=8, min_length=2, max_length=3)
+  synthetic.ensure_dataset(root, "lerobot_v21", 2, **kw)
+  info = root / "meta" / "info.json"
+  before = info.stat().st_mtime_ns
+  synthetic.ensure_dataset(root, "lerobot_v21", 2, **kw)
+  assert info.stat().st_mtime_ns == before
+  assert [p.name for p in tmp_path.iterdir()] == ["syn"]
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "x").write_text("x")
+  with pytest.raises(FileExistsError, match="holds no rlds dataset"):
+    synthetic.ensure_dataset(tmp_path / "other", "rlds", 2, **kw)

@@ -52,13 +52,16 @@ def test_pi0_format(sp):
 
 def test_truncation_warns(caplog):
   tok = tokenizer.PromptTokenizer(tokenizer.SYNTHETIC_TOKENIZER, max_len=5)
-  full = tok.encode("pick up the black bowl on the stove and place it on the plate")
+  prompt = "pick up the black bowl on the stove and place it on the plate (truncation test)"
   with caplog.at_level(logging.WARNING, logger="pipeline.data.tokenizer"):
-    ids, mask = tok("pick up the black bowl on the stove and place it on the plate")
+    ids, mask = tok(prompt)
+    tok(prompt)
+  full = tok.encode(prompt)
   assert len(full) > 5
   np.testing.assert_array_equal(ids, full[:5])
   assert mask.all()
-  assert any("truncated" in r.message for r in caplog.records)
+  # Warned once for a prompt however often it is seen.
+  assert sum("truncated" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_all_task_strings_in_vocab_without_unknowns(sp):

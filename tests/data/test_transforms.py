@@ -36,8 +36,9 @@ def _frame(seed=0, h=40, w=48):
   rng = np.random.default_rng(seed)
   # Smooth gradients plus a sharp vertical edge: geometric changes are visible, colors vary.
   yy, xx = np.mgrid[0:h, 0:w]
-  base = np.stack([xx * 255 // w, yy * 255 // h, np.where(xx < w // 2, 230, 20)], -1).astype(np.uint8)
-  wrist = np.stack([np.where(xx < w // 2, 200, 40), yy * 255 // h, xx * 255 // w], -1).astype(np.uint8)
+  edge = xx < w // 2
+  base = np.stack([xx * 255 // w, yy * 255 // h, np.where(edge, 230, 20)], -1).astype(np.uint8)
+  wrist = np.stack([np.where(edge, 200, 40), yy * 255 // h, xx * 255 // w], -1).astype(np.uint8)
   return {
       "image": _png(base), "wrist_image": _png(wrist, "JPEG"),
       "state": rng.normal(size=8).astype(np.float32),
@@ -109,7 +110,8 @@ def test_zscore_and_quantile_match_numpy(norm_stats):
   np.testing.assert_allclose(transforms.normalize(x, s, "zscore"),
                              (x - s["mean"]) / (s["std"] + 1e-6), rtol=1e-6)
   np.testing.assert_allclose(transforms.normalize(x, s, "quantile"),
-                             (x - s["q01"]) / (s["q99"] - s["q01"] + 1e-6) * 2 - 1, rtol=1e-5, atol=1e-6)
+                             (x - s["q01"]) / (s["q99"] - s["q01"] + 1e-6) * 2 - 1,
+                             rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="normalization"):
     transforms.normalize(x, s, "minmax")
 
@@ -121,7 +123,8 @@ def test_quantile_without_quantiles_names_key(norm_stats):
 
 
 def test_load_norm_stats_file_and_checkpoint_assets_dir(tmp_path, norm_stats):
-  payload = {"norm_stats": {k: {n: v.tolist() for n, v in d.items()} for k, d in norm_stats.items()}}
+  payload = {"norm_stats": {k: {n: v.tolist() for n, v in d.items()}
+                            for k, d in norm_stats.items()}}
   nested = tmp_path / "ckpt" / "assets" / "physical-intelligence" / "libero"
   nested.mkdir(parents=True)
   (nested / "norm_stats.json").write_text(json.dumps(payload))
@@ -154,11 +157,13 @@ def test_frame_to_batch_format(norm_stats):
 
   s, a = norm_stats["state"], norm_stats["actions"]
   assert ex["state"].shape == (ACTION_DIM,) and ex["state"].dtype == np.float32
-  np.testing.assert_allclose(ex["state"][:8], (frame["state"] - s["mean"]) / (s["std"] + 1e-6), rtol=1e-5)
+  np.testing.assert_allclose(ex["state"][:8], (frame["state"] - s["mean"]) / (s["std"] + 1e-6),
+                             rtol=1e-5)
   np.testing.assert_array_equal(ex["state"][8:], 0)  # padded after normalization
   assert ex["actions"].shape == (HORIZON, ACTION_DIM) and ex["actions"].dtype == np.float32
   np.testing.assert_allclose(ex["actions"][:, :7],
-                             (frame["actions"][:HORIZON] - a["mean"]) / (a["std"] + 1e-6), rtol=1e-5)
+                             (frame["actions"][:HORIZON] - a["mean"]) / (a["std"] + 1e-6),
+                             rtol=1e-5)
   np.testing.assert_array_equal(ex["actions"][:, 7:], 0)
   np.testing.assert_array_equal(ex["actions_is_pad"], [False, False, False, True])
 
@@ -185,8 +190,8 @@ def test_delta_actions_before_normalization(norm_stats):
 def test_quantile_padding_is_zero(norm_stats):
   ex = _transform(norm_stats, normalization="quantile")(0, records.encode_frame(_frame()))
   q = norm_stats["state"]
-  np.testing.assert_allclose(ex["state"][:8], (_frame()["state"] - q["q01"]) / (q["q99"] - q["q01"] + 1e-6) * 2 - 1,
-                             rtol=1e-5, atol=1e-6)
+  expected = (_frame()["state"] - q["q01"]) / (q["q99"] - q["q01"] + 1e-6) * 2 - 1
+  np.testing.assert_allclose(ex["state"][:8], expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(ex["state"][8:], 0)
 
 
@@ -229,7 +234,8 @@ def test_augmentation(norm_stats):
 def test_color_jitter_factor_ranges():
   # A gray image stays gray under contrast/saturation; only brightness moves it: 100 * U(0.7, 1.3).
   gray = np.full((4, 4, 3), 100, np.uint8)
-  vals = [int(transforms.color_jitter(gray, transforms.example_rng(0, i))[0, 0, 0]) for i in range(200)]
+  vals = [int(transforms.color_jitter(gray, transforms.example_rng(0, i))[0, 0, 0])
+          for i in range(200)]
   assert 70 <= min(vals) < 75 and 125 < max(vals) <= 130
   # Saturation alone: a gray-world check of the blend with the grayscale image (ITU-R 601 luma).
   rgb = np.array([[[200, 50, 100]]], np.uint8)

@@ -205,30 +205,27 @@ def test_state_holds_only_params_and_dropout_uses_call_rngs(inputs):
   model = _make_model(dropout=0.5)
   assert not nnx.state(model, nnx.Not(nnx.Param))
   graphdef, state = nnx.split(model)
+  no_dropout_graphdef = nnx.graphdef(_make_model(dropout=0.0))
   context, mask, actions = inputs
 
   @jax.jit
-  def call(state, key):
-    return nnx.merge(graphdef, state)(context, mask, actions, rngs=key)
+  def run(state):
+    with_dropout = nnx.merge(graphdef, state)
+    without = nnx.merge(no_dropout_graphdef, state)
+    return (
+      with_dropout(context, mask, actions, rngs=jax.random.key(0)),
+      with_dropout(context, mask, actions, rngs=jax.random.key(1)),
+      with_dropout(context, mask, actions, rngs=nnx.Rngs(dropout=0)),
+      with_dropout(context, mask, actions),
+      without(context, mask, actions),
+    )
 
-  @jax.jit
-  def call_eval(state):
-    return nnx.merge(graphdef, state)(context, mask, actions)
-
-  no_dropout_graphdef = nnx.graphdef(_make_model(dropout=0.0))
-
-  @jax.jit
-  def call_no_dropout(state):
-    return nnx.merge(no_dropout_graphdef, state)(context, mask, actions)
-
-  a, b = call(state, jax.random.key(0)), call(state, jax.random.key(1))
-  assert not np.allclose(np.asarray(a), np.asarray(b))
-  again = call(state, jax.random.key(0))
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(again))
+  key0, key1, rngs0, no_rngs, rate0 = map(np.asarray, run(state))
+  assert not np.allclose(key0, key1)
+  # A key and Rngs seeded alike give the same masks.
+  np.testing.assert_array_equal(key0, rngs0)
   # Without rngs dropout is off: equal to the same weights at rate 0.
-  np.testing.assert_array_equal(
-    np.asarray(call_eval(state)), np.asarray(call_no_dropout(state))
-  )
+  np.testing.assert_array_equal(no_rngs, rate0)
 
 
 def test_bad_inputs_name_the_problem(model, inputs):

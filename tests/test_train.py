@@ -1,0 +1,204 @@
+"""End to end: the smoke config trains, energy-only freezes, resume, FSDP on 8 devices, NaN guard."""
+import glob
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from configs import energy_only
+from configs import pi0_libero
+from pipeline import checkpoint
+from pipeline import optim
+from pipeline import sharding
+from pipeline import train
+
+STEPS = 60
+
+
+def smoke_config(**overrides):
+  c = energy_only.get_config("smoke")
+  c.num_train_steps = STEPS
+  c.log_every = 10
+  c.eval_every = 30
+  c.save_every = 20
+  c.data.synthetic_episodes = 16
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def one_device_mesh():
+  return sharding.make_mesh(1, devices=jax.devices()[:1])
+
+
+def read_scalars(workdir):
+  """{tag: [(step, value), ...]} from every TensorBoard event file in workdir."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.HasField("tensor") and v.metadata.plugin_data.plugin_name == "scalars":
+          out.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+  return out
+
+
+def flat(tree):
+  return {"/".join(map(str, k)): np.asarray(v)
+          for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("smoke"))
+  config = smoke_config()
+  t0 = time.time()
+  state = train.run(config, workdir, one_device_mesh())
+  return dict(workdir=workdir, config=config, state=state, seconds=time.time() - t0)
+
+
+def test_smoke_trains_energy(smoke):
+  assert smoke["seconds"] < 90, smoke["seconds"]
+  s = read_scalars(smoke["workdir"])
+  for tag in ("train/energy_loss", "train/E_pos", "train/E_neg", "train/energy_accuracy",
+              "train/grad_norm", "train/lr", "eval/flow_loss", "eval/energy_loss", "eval/E_pos",
+              "eval/E_neg", "eval/retrieval_accuracy", "steps_per_sec"):
+    assert tag in s, (tag, sorted(s))
+  loss = [v for _, v in s["train/energy_loss"]]
+  assert [st for st, _ in s["train/energy_loss"]] == list(range(10, STEPS + 1, 10))
+  assert loss[-1] < loss[0] - 0.2, loss
+  assert s["train/E_pos"][-1][1] < s["train/E_neg"][-1][1]
+  assert [st for st, _ in s["eval/energy_loss"]] == [30, 60]
+  assert "train/flow_loss" not in s  # energy-only: no flow loss in the step ...
+  assert np.isfinite(s["eval/flow_loss"][-1][1])  # ... but measured in evaluation
+
+
+def test_energy_only_freezes_everything_else(smoke):
+  config = smoke["config"]
+  trainer = train.Trainer(train.resolve_paths(config, smoke["workdir"]), one_device_mesh())
+  init = flat(trainer.init_params(jax.random.key(config.seed)))
+  final = flat(smoke["state"].params)
+  energy = [k for k in init if k.startswith("energy/")]
+  assert energy and len(energy) < len(init)
+  for k in init:
+    if k.startswith("energy/"):
+      continue
+    np.testing.assert_array_equal(final[k], init[k], err_msg=k)  # bit-identical
+  assert any(not np.array_equal(final[k], init[k]) for k in energy)
+
+  # Optimizer state: Adam mu and nu for energy params only (plus scalar counters).
+  opt_arrays = [x for x in jax.tree.leaves(smoke["state"].opt_state) if np.ndim(x) > 0]
+  energy_shapes = sorted(init[k].shape for k in energy)
+  assert sorted(x.shape for x in opt_arrays) == sorted(energy_shapes * 2)
+  assert sorted(x.shape for x in jax.tree.leaves(smoke["state"].ema)) == energy_shapes
+
+  # The step differentiates the energy subtree only.
+  tr, fr = optim.split(trainer.parts.abstract_params, trainer.mask)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), next(iter(
+      train.make_dataset(train.resolve_paths(config, smoke["workdir"]), "eval"))))
+  step_fn = train.make_train_step(trainer.parts, trainer.tx, trainer.mask, trainer.schedule, 0.0)
+  (_, _), grads = jax.eval_shape(step_fn.grads_fn, tr, fr, jax.random.key(0), batch)
+  assert set(flat(jax.tree.map(lambda x: np.zeros(()), grads))) == set(energy)
+
+
+def test_rerun_resumes_from_latest_checkpoint(smoke, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = smoke_config()
+  real = train.to_global_batch
+  calls = {"n": 0}
+
+  class Crash(Exception):
+    pass
+
+  def crashing(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] > 45:  # dies during step 46; the last checkpoint is step 40
+      raise Crash()
+    return real(batch, mesh)
+
+  monkeypatch.setattr(train, "to_global_batch", crashing)
+  with pytest.raises(Crash):
+    train.run(config, workdir, one_device_mesh())
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=20).all_steps() == [20, 40]
+  monkeypatch.setattr(train, "to_global_batch", real)
+
+  state = train.run(config, workdir, one_device_mesh())  # the same command again
+  assert int(state.step) == STEPS
+  s = read_scalars(workdir)
+  steps = [st for st, _ in s["train/energy_loss"]]
+  assert steps == [10, 20, 30, 40, 50, 60], steps  # 41.. ran once; nothing started over
+  # Exact continuation: same data order, RNG and optimizer state as the uninterrupted run.
+  ref, got = flat(smoke["state"].params), flat(state.params)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+  ref_s = read_scalars(smoke["workdir"])
+  np.testing.assert_allclose(s["train/energy_loss"][-1][1], ref_s["train/energy_loss"][-1][1],
+                             rtol=1e-6)
+
+  # Once finished, rerunning trains nothing more.
+  again = train.run(config, workdir, one_device_mesh())
+  assert int(again.step) == STEPS
+  assert [st for st, _ in read_scalars(workdir)["train/energy_loss"]] == steps
+
+
+def test_fsdp_2x4_matches_one_device(smoke):
+  """data=2 x fsdp=4 on 8 CPU devices: params really sharded, same loss and update as 1 device."""
+  config = pi0_libero.get_config("smoke")
+  config.optim.ema_decay = 0.0
+  config.data.dataset_dir = os.path.join(smoke["workdir"], "data")
+  config.sharding.min_size_mib = 0.0
+  batch_np = next(iter(train.make_dataset(config, "train")))
+  results = {}
+  for name, mesh in (("one", one_device_mesh()), ("fsdp", sharding.make_mesh(4))):
+    trainer = train.Trainer(config, mesh)
+    trainer.init_rest(jax.random.key(config.seed))
+    state = trainer.new_state()
+    if name == "fsdp":
+      assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+      emb = state.params["PaliGemma"]["llm"]["embedder"]["input_embedding"]
+      assert "fsdp" in emb.sharding.spec
+      assert emb.addressable_shards[0].data.size == emb.size // 4
+      sharded = [x for x in jax.tree.leaves(state.params) if "fsdp" in x.sharding.spec]
+      assert len(sharded) > len(jax.tree.leaves(state.params)) // 2
+    batch = train.to_global_batch(batch_np, mesh)
+    new_state, metrics = trainer.train_step(state, batch)
+    results[name] = (jax.device_get(metrics), flat(new_state.params))
+  (m1, p1), (m8, p8) = results["one"], results["fsdp"]
+  # Same math, different reduction order across shards: float32 tolerance.
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  for k in p1:
+    np.testing.assert_allclose(p8[k], p1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_non_finite_steps_stop_the_run(smoke, tmp_path, monkeypatch):
+  config = smoke_config(num_train_steps=12, save_every=4, eval_every=100, max_bad_steps=3)
+  config.data.dataset_dir = os.path.join(smoke["workdir"], "data")
+  config.data.synthetic = False
+  config.data.source_dir = ""
+  real = train.to_global_batch
+  calls = {"n": 0}
+
+  def poisoned(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] >= 6:
+      batch = dict(batch, state=np.full_like(batch["state"], np.nan))
+    return real(batch, mesh)
+
+  monkeypatch.setattr(train, "to_global_batch", poisoned)
+  with pytest.raises(FloatingPointError, match=r"config.max_bad_steps=3"):
+    train.run(config, str(tmp_path), one_device_mesh())
+  ck = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"), save_every=4)
+  assert ck.latest_step() == 4  # nothing saved once bad steps started
+  trainer = train.Trainer(config, one_device_mesh())
+  state, _ = ck.restore(4, trainer.abstract_state)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
