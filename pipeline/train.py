@@ -78,6 +78,8 @@ class ModelParts:
   def bind(self, params: dict):
     state = jax.tree.map(lambda x: x, self.param_template)  # fresh copy of the State structure
     state.replace_by_pure_dict(params)
+    if self.rest is None:
+      raise RuntimeError("ModelParts.bind before the non-param state exists; call init first")
     return nnx.merge(self.graphdef, state, self.rest)
 
 

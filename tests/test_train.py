@@ -85,6 +85,7 @@ def test_smoke_trains_energy(smoke):
 def test_energy_only_freezes_everything_else(smoke):
   config = smoke["config"]
   trainer = train.Trainer(train.resolve_paths(config, smoke["workdir"]), one_device_mesh())
+  trainer.init_rest(jax.random.key(config.seed))
   init = flat(trainer.init_params(jax.random.key(config.seed)))
   final = flat(smoke["state"].params)
   energy = [k for k in init if k.startswith("energy/")]

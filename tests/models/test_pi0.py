@@ -170,46 +170,56 @@ def test_padding_and_masked_images_do_not_change_valid_outputs(
                              rtol=1e-6, atol=1e-6)
 
 
-def test_uint8_images_match_float(model):
+def test_uint8_images_are_rescaled(model):
   o = make_obs(seed=4)
   u8 = {k: np.random.RandomState(i).randint(0, 256, (B, IMAGE, IMAGE, 3))
         .astype(np.uint8) for i, k in enumerate(KEYS)}
-  o_u8 = dict(o, image=u8)
-  o_f = dict(o, image={k: v.astype(np.float32) / 255 * 2 - 1
-                       for k, v in u8.items()})
-  np.testing.assert_allclose(np.asarray(encode_prefix(model, o_u8)[0]),
-                             np.asarray(encode_prefix(model, o_f)[0]),
-                             rtol=1e-5, atol=1e-5)
+  checked = model.check_observation(dict(o, image=u8))
+  for k in KEYS:
+    np.testing.assert_allclose(np.asarray(checked['image'][k]),
+                               u8[k].astype(np.float32) / 255 * 2 - 1,
+                               rtol=1e-6, atol=1e-6)
+  assert checked['image_mask'][KEYS[0]].dtype == bool
 
 
 # ---------------------------------------------------------------- sampling
 
 
-def test_cached_sampling_equals_uncached_euler(model, obs):
-  steps = 3
-  noise = jnp.asarray(np.random.RandomState(9).randn(B, H, A), jnp.float32)
+STEPS = 3
+
+
+@pytest.fixture(scope='module')
+def sampling_noise():
+  return jnp.asarray(np.random.RandomState(9).randn(B, H, A), jnp.float32)
+
+
+@pytest.fixture(scope='module')
+def cached_samples(model, obs, sampling_noise):
   sample = nnx.jit(lambda m, o, n: m.sample_actions(
-      jax.random.key(0), o, num_steps=steps, noise=n))
-  cached = np.asarray(sample(model, obs, noise))
-  x = noise
-  dt = -1.0 / steps
-  for i in range(steps):
+      jax.random.key(0), o, num_steps=STEPS, noise=n))
+  return np.asarray(sample(model, obs, sampling_noise))
+
+
+def test_cached_sampling_equals_uncached_euler(model, obs, sampling_noise,
+                                               cached_samples):
+  x = sampling_noise
+  dt = -1.0 / STEPS
+  for i in range(STEPS):
     v, _, _ = velocity_full(model, obs, x, jnp.full((B,), 1.0 + i * dt))
     x = x + dt * v
-  np.testing.assert_allclose(cached, np.asarray(x), rtol=1e-4, atol=1e-4)
-  assert np.isfinite(cached).all()
+  np.testing.assert_allclose(cached_samples, np.asarray(x), rtol=1e-4,
+                             atol=1e-4)
+  assert np.isfinite(cached_samples).all()
 
 
-def test_refine_moves_only_energy_dims(model, obs):
-  noise = jnp.asarray(np.random.RandomState(10).randn(B, H, A), jnp.float32)
+def test_refine_moves_only_energy_dims(model, obs, sampling_noise,
+                                       cached_samples):
   sample = nnx.jit(lambda m, o, n: m.sample_actions(
-      jax.random.key(0), o, num_steps=2, noise=n, refine_steps=2,
+      jax.random.key(0), o, num_steps=STEPS, noise=n, refine_steps=2,
       refine_step_size=0.5, refine_max_step=0.5))
-  plain = nnx.jit(lambda m, o, n: m.sample_actions(
-      jax.random.key(0), o, num_steps=2, noise=n))
-  a = np.asarray(plain(model, obs, noise))
-  r = np.asarray(sample(model, obs, noise))
-  np.testing.assert_allclose(r[..., 3:], a[..., 3:], rtol=1e-6, atol=1e-6)
+  r = np.asarray(sample(model, obs, sampling_noise))
+  a = cached_samples
+  np.testing.assert_allclose(r[..., 3:], a[..., 3:], rtol=1e-5, atol=1e-5)
   assert np.abs(r[..., :3] - a[..., :3]).max() > 0
 
 
@@ -326,7 +336,7 @@ def test_bfloat16_compute_keeps_f32_params(obs, actions):
   m = build_model(cfg, nnx.Rngs(1))
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
-  out, _ = encode_prefix(m, obs)
+  out, _ = nnx.eval_shape(lambda m: m.encode_prefix(obs), m)
   assert out.dtype == jnp.bfloat16
   assert m.energy is None
   loss = compute_loss(m, jax.random.key(0), obs, actions)
