@@ -20,6 +20,20 @@ from pipeline import train
 STEPS = 60
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Reruns of the same config in this module reuse compiled steps (persistent XLA cache)."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
 def smoke_config(**overrides):
   c = energy_only.get_config("smoke")
   c.num_train_steps = STEPS
@@ -174,11 +188,16 @@ def test_fsdp_2x4_matches_one_device(smoke):
     new_state, metrics = trainer.train_step(state, batch)
     results[name] = (jax.device_get(metrics), flat(new_state.params))
   (m1, p1), (m8, p8) = results["one"], results["fsdp"]
-  # Same math, different reduction order across shards: float32 tolerance.
+  # Same math, different reduction order across shards: float32 tolerances.
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  # Adam's first step is ~lr * sign(g) per element, so a gradient that is ~0 up to rounding
+  # may step either way: params agree to 2 * lr of step 1 (and far better almost everywhere).
+  lr1 = float(m1["lr"])
   for k in p1:
-    np.testing.assert_allclose(p8[k], p1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(p8[k], p1[k], rtol=0, atol=2 * lr1 + 1e-6, err_msg=k)
+  diffs = np.concatenate([np.abs(p8[k] - p1[k]).ravel() for k in p1])
+  assert np.mean(diffs < 1e-6) > 0.99
 
 
 def test_non_finite_steps_stop_the_run(smoke, tmp_path, monkeypatch):
@@ -192,7 +211,7 @@ def test_non_finite_steps_stop_the_run(smoke, tmp_path, monkeypatch):
   def poisoned(batch, mesh):
     calls["n"] += 1
     if calls["n"] >= 6:
-      batch = dict(batch, state=np.full_like(batch["state"], np.nan))
+      batch = dict(batch, actions=np.full_like(batch["actions"], np.nan))
     return real(batch, mesh)
 
   monkeypatch.setattr(train, "to_global_batch", poisoned)

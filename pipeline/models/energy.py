@@ -295,6 +295,11 @@ class EnergyModel(nnx.Module):
       float32 [B] energies (unbounded; lower = better match).
     """
     self._check(context, context_mask, actions)
+    if actions.shape[0] != context.shape[0]:
+      raise ValueError(
+        f"EnergyModel: matched pairs need equal batches, got context "
+        f"{context.shape[0]} and actions {actions.shape[0]} (use pairwise)"
+      )
     rngs = _as_rngs(rngs)
     keys, values = self._encode_context(context, context_mask, rngs)
     features, queries = self._encode_actions(actions, rngs)

@@ -288,3 +288,13 @@ def test_rlds_inconsistent_dims(tmp_path):
   _rewrite_rlds(src, shrink)
   with pytest.raises(prepare.PrepareError, match="episode 3 has state/action dims \\[6, 7\\]"):
     prepare.prepare(src, tmp_path / "dst", action_horizon=3)
+
+
+@pytest.mark.parametrize("fmt,extra", [("lerobot_v21", {}),
+                                       ("lerobot_v30", {"episodes_per_file": 1})])
+def test_several_chunk_dirs(tmp_path, fmt, extra):
+  src = _small(tmp_path, fmt, n=5, chunks_size=2, **extra)
+  assert len(list((src / "data").iterdir())) == 3  # chunk-000 .. chunk-002
+  dst = prepare.prepare(src, tmp_path / "dst", action_horizon=3)
+  m = prepare.open_prepared(dst).manifest
+  assert [e["episode_index"] for e in m["episodes"]] == list(range(5))

@@ -1,5 +1,7 @@
 """Tests for the energy head: pairwise scoring, masking, InfoNCE, refinement."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +82,15 @@ def test_pairwise_matches_per_pair_calls(fns, inputs):
     rtol=1e-5,
     atol=1e-5,
   )
+
+
+def test_pairwise_accepts_other_action_batch(fns, inputs):
+  state, _, pairwise = fns
+  context, mask, actions = inputs
+  got = np.asarray(pairwise(state, context, mask, actions[:2]))
+  assert got.shape == (B, 2)
+  full = np.asarray(pairwise(state, context, mask, actions))
+  np.testing.assert_allclose(got, full[:, :2], rtol=1e-5, atol=1e-5)
 
 
 def _all_shapes(jaxpr):
@@ -177,7 +188,9 @@ def test_bfloat16_compute_stays_close_and_masked(fns, inputs):
   # Same weights computed in bf16 (as Pi0 may configure the head).
   state, _, pairwise_f32 = fns
   context, mask, actions = inputs
-  graphdef = nnx.graphdef(_make_model(dtype=jnp.bfloat16))
+  graphdef = nnx.graphdef(
+    nnx.eval_shape(lambda: _make_model(dtype=jnp.bfloat16))
+  )
 
   @jax.jit
   def pairwise(state, context):
@@ -205,7 +218,7 @@ def test_state_holds_only_params_and_dropout_uses_call_rngs(inputs):
   model = _make_model(dropout=0.5)
   assert not nnx.state(model, nnx.Not(nnx.Param))
   graphdef, state = nnx.split(model)
-  no_dropout_graphdef = nnx.graphdef(_make_model(dropout=0.0))
+  no_dropout_graphdef = nnx.graphdef(nnx.eval_shape(_make_model))
   context, mask, actions = inputs
 
   @jax.jit
@@ -236,6 +249,8 @@ def test_bad_inputs_name_the_problem(model, inputs):
     model(context, mask[:, :-1], actions)
   with pytest.raises(ValueError, match="actions"):
     model(context, mask, actions[..., :2])
+  with pytest.raises(ValueError, match="equal batches"):
+    model(context, mask, actions[:2])
   with pytest.raises(ValueError, match="horizon"):
     model(context, mask, jnp.concatenate([actions, actions], axis=1))
   with pytest.raises(ValueError, match="energy_heads"):
@@ -278,6 +293,7 @@ def test_infonce_matches_numpy(scale):
 # -- Training a toy head and refining with it --------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _toy_batch(key, batch):
   """Context tokens encode a latent z; actions are a fixed function of z."""
   z_key, pad_key, noise_key, junk_key = jax.random.split(key, 4)
@@ -389,7 +405,7 @@ def test_refine_respects_max_step(refined):
 
 def test_refine_zero_steps_is_identity(trained):
   graphdef, state, _ = trained
-  context, mask, actions = _toy_batch(jax.random.key(9), 2)
+  context, mask, actions = _toy_batch(jax.random.key(9), 8)
   out = energy_lib.refine(
     nnx.merge(graphdef, state), context, mask, actions,
     steps=0, step_size=1.0, max_step=1.0,

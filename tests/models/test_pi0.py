@@ -285,7 +285,9 @@ def test_joint_mode(monitor_run, obs, actions):
 
 
 def test_energy_only_mode(obs, actions):
-  loss, metrics, g = _grads({'train_only_energy_model': True}, obs, actions,
+  # train_only_energy_model wins over use_energy_loss.
+  loss, metrics, g = _grads({'train_only_energy_model': True,
+                             'use_energy_loss': True}, obs, actions,
                             poison_expert=True)
   assert 'flow_loss' not in metrics
   assert set(metrics) == {'energy_loss', 'E_pos', 'E_neg', 'energy_accuracy'}
@@ -309,13 +311,17 @@ def test_bad_inputs(model, obs, actions):
     model.check_observation(bad)
   with pytest.raises(ValueError, match='state'):
     model.check_observation(dict(obs, state=np.zeros((B, A + 1))))
+  bad_tokens = obs['tokenized_prompt'].copy()
+  bad_tokens[0, 0] = 64
+  with pytest.raises(ValueError, match='vocab_size=64'):
+    model.check_observation(dict(obs, tokenized_prompt=bad_tokens))
   with pytest.raises(ValueError, match='actions have shape'):
     model.compute_loss(jax.random.key(0), obs, actions[..., :-1])
   with pytest.raises(ValueError, match='Unknown Gemma variant'):
     build_model(dict(TINY, paligemma_variant='nope'), nnx.Rngs(0))
-  with pytest.raises(ValueError, match='mutually exclusive'):
-    build_model(dict(TINY, use_energy_loss=True,
-                     train_only_energy_model=True), nnx.Rngs(0))
+  with pytest.raises(ValueError, match='energy_head'):
+    build_model(dict(TINY, energy_head=False, use_energy_loss=True),
+                nnx.Rngs(0))
 
 
 def test_long_prompt_is_truncated_with_warning(model, obs, caplog):

@@ -1,0 +1,663 @@
+"""Benchmarks that print ratios measured side by side in one run.
+
+  python -m pipeline.bench energy [--size=full|mid|tiny] [--json]
+  python -m pipeline.bench loader [--dataset_dir=DIR] [--json]
+  python -m pipeline.bench checkpoint [--size=mid] [--json]
+  python -m pipeline.bench step [--size=mid] [--peak_tflops=X] [--json]
+
+energy      FLOPs and peak temporary memory of compiled train steps (abstract shapes only, nothing
+            is allocated): (a) no energy head, (b) joint mode, (c) joint mode with a naive head
+            that repeats the context B times, (d) energy-only; the head alone, pairwise vs naive;
+            and wall-clock steps of (a), (b), (c) at --time_size.
+loader      samples/s of the full Grain train chain vs decode-only, per worker count.
+checkpoint  how long the loop is blocked by an async save vs a synchronous save of one state.
+step        steps/s, tokens/s and MFU of the joint and energy-only steps on the present device.
+
+A train step here is the one of pipeline.train (value_and_grad of compute_train_loss over the
+trainable params, clipped AdamW, EMA), jitted with the trainer's shardings on a one-device mesh.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+COMMANDS = ("energy", "loader", "checkpoint", "step")
+SIZES = ("full", "mid", "tiny")
+MODES = ("no_head", "joint", "naive", "energy_only")
+
+_SIZE = flags.DEFINE_enum("size", None, SIZES,
+                          "Model size (default: full for energy, mid for checkpoint and step).")
+_TIME_SIZE = flags.DEFINE_enum("time_size", "mid", SIZES,
+                               "energy: model size of the wall-clock comparison.")
+_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: 32 full, 8 mid, 4 tiny).")
+_TIME_BATCH = flags.DEFINE_integer("time_batch", None, "energy: batch of the timed steps.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step).")
+_SAVES = flags.DEFINE_integer("saves", 5, "checkpoint: number of saves (median reported).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
+                                  "step: peak device TFLOP/s for the MFU (default: known TPU/GPU "
+                                  "kinds; n/a on CPU).")
+_DATASET_DIR = flags.DEFINE_string("dataset_dir", "",
+                                   "loader: prepared dataset (default: a synthetic one in a temp "
+                                   "dir).")
+_EPISODES = flags.DEFINE_integer("episodes", 8, "loader: synthetic episodes to write.")
+_SOURCE_IMAGE_SIZE = flags.DEFINE_integer("source_image_size", 256,
+                                          "loader: synthetic image size (LIBERO: 256).")
+_BATCHES = flags.DEFINE_integer("batches", 20, "loader: timed batches per pipeline.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "loader: worker counts.")
+_TOKENIZER = flags.DEFINE_string("tokenizer_path", "",
+                                 "loader: tokenizer (default: the synthetic one for the synthetic "
+                                 "dataset, else config.data.tokenizer_path).")
+_AUGMENT = flags.DEFINE_bool("augment", True, "loader: training augmentation in the full chain.")
+
+# bf16 peak dense TFLOP/s per chip, for MFU when --peak_tflops is not given.
+_PEAK_TFLOPS_BY_KIND = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def model_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """Sets config.model to a benchmark size; returns the config.
+
+  full: Pi0 (gemma_2b + gemma_300m, SigLIP So400m/14 at 224 px), bf16, remat, head 512x8x4.
+  mid:  the 'dummy' Gemma widths (64, 4 layers), tiny SigLIP at 64 px (3 x 64 image tokens),
+        horizon 50, head 128 wide; f32 (CPU).
+  tiny: the smoke model (seconds on CPU).
+  """
+  if size not in SIZES:
+    raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+  m = config.model
+  if size == "full":
+    return config
+  if size == "mid":
+    m.paligemma_variant = "dummy"
+    m.action_expert_variant = "dummy"
+    m.vision_variant = "tiny"
+    m.image_size = 64
+    m.vocab_size = 1024
+    m.dtype = "float32"
+    m.remat = False
+    m.energy_hidden = 128
+    m.energy_heads = 4
+    m.energy_layers = 2
+    return config
+  m.paligemma_variant = "tiny"
+  m.action_expert_variant = "tiny"
+  m.vision_variant = "tiny"
+  m.image_size = 32
+  m.action_horizon = 10
+  m.max_token_len = 16
+  m.vocab_size = 512
+  m.dtype = "float32"
+  m.remat = False
+  m.energy_hidden = 32
+  m.energy_heads = 2
+  m.energy_layers = 1
+  return config
+
+
+def default_batch(size: str) -> int:
+  return {"full": 32, "mid": 8, "tiny": 4}[size]
+
+
+def mode_config(size: str, mode: str, batch: int) -> ml_collections.ConfigDict:
+  """The base training config at `size` in training `mode` (one of MODES)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  c = common.get_base_config()
+  model_size(c, size)
+  c.batch_size = batch
+  c.init.weights = ""
+  c.mesh.fsdp = 1
+  c.sharding.min_size_mib = 0.0
+  m = c.model
+  m.energy_head = mode != "no_head"
+  m.use_energy_loss = mode in ("joint", "naive")
+  m.train_only_energy_model = mode == "energy_only"
+  if mode == "energy_only":
+    c.optim.trainable = ("energy/.*",)
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive energy head (reference for the cost comparison only)
+
+
+def naive_pairwise(energy_model, context, context_mask, actions, *, rngs=None):
+  """[i, j] = E(context_i, actions_j) by materializing all B*B pairs and calling the head."""
+  b_ctx, b_act = context.shape[0], actions.shape[0]
+  ctx = jnp.repeat(context, b_act, axis=0)  # pair p = i * b_act + j
+  mask = jnp.repeat(context_mask, b_act, axis=0)
+  act = jnp.tile(actions, (b_ctx, 1, 1))
+  return energy_model(ctx, mask, act, rngs=rngs).reshape(b_ctx, b_act)
+
+
+@functools.lru_cache(maxsize=None)
+def _naive_energy_class():
+  from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
+
+  class NaiveEnergyModel(energy_lib.EnergyModel):
+    """Same parameters as EnergyModel; `pairwise` repeats the context B times."""
+
+    def pairwise(self, context, context_mask, actions, *, rngs=None):
+      return naive_pairwise(self, context, context_mask, actions, rngs=rngs)
+
+  return NaiveEnergyModel
+
+
+def build_naive_model(model_config, rngs):
+  """Pi0 whose energy head computes pairwise energies naively (same parameter tree)."""
+  from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
+
+  model = pi0.build_model(model_config, rngs)
+  cfg = model.config
+  model.energy = _naive_energy_class()(
+      model.prefix_width, cfg.energy_act_dim, hidden=cfg.energy_hidden, heads=cfg.energy_heads,
+      num_layers=cfg.energy_layers, horizon=cfg.action_horizon, dropout=cfg.energy_dropout,
+      dtype=model.dtype, rngs=rngs)
+  return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, compiled costs
+
+
+def one_device_mesh():
+  from pipeline import sharding  # pylint: disable=g-import-not-at-top
+
+  return sharding.make_mesh(1, devices=jax.devices()[:1])
+
+
+def prefix_len(model_config) -> int:
+  from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
+  from pipeline.models import siglip  # pylint: disable=g-import-not-at-top
+
+  patch = siglip.get_config(model_config.vision_variant).patch_size
+  return len(pi0.IMAGE_KEYS) * (model_config.image_size // patch)**2 + model_config.max_token_len
+
+
+def abstract_batch(model_config, batch: int, sharding=None) -> dict:
+  """jax.ShapeDtypeStruct tree of one batch in the loader's format."""
+  m = model_config
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
+
+  return {
+      "image": {k: sds((batch, m.image_size, m.image_size, 3), jnp.float32)
+                for k in pi0.IMAGE_KEYS},
+      "image_mask": {k: sds((batch,), jnp.bool_) for k in pi0.IMAGE_KEYS},
+      "state": sds((batch, m.action_dim), jnp.float32),
+      "tokenized_prompt": sds((batch, m.max_token_len), jnp.int32),
+      "tokenized_prompt_mask": sds((batch, m.max_token_len), jnp.bool_),
+      "actions": sds((batch, m.action_horizon, m.action_dim), jnp.float32),
+      "actions_is_pad": sds((batch, m.action_horizon), jnp.bool_),
+  }
+
+
+def random_batch(model_config, batch: int, seed: int = 0) -> dict:
+  """A concrete batch of the right shapes (values in the normalized ranges)."""
+  rng = np.random.default_rng(seed)
+  out = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_batch(model_config, batch))
+  for k in out["image"]:
+    out["image"][k] = rng.uniform(-1, 1, out["image"][k].shape).astype(np.float32)
+    out["image_mask"][k][:] = k != "right_wrist_0_rgb"
+  out["state"] = rng.normal(size=out["state"].shape).astype(np.float32)
+  n = model_config.max_token_len // 2
+  out["tokenized_prompt"][:, :n] = rng.integers(1, model_config.vocab_size, (batch, n))
+  out["tokenized_prompt_mask"][:, :n] = True
+  out["actions"] = rng.normal(size=out["actions"].shape).astype(np.float32)
+  return out
+
+
+def compiled_cost(compiled) -> dict[str, float]:
+  """FLOPs, bytes accessed and peak temporary memory of a compiled executable."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
+    cost = cost[0]
+  cost = cost or {}
+  mem = compiled.memory_analysis()
+  return {
+      "flops": float(cost.get("flops", float("nan"))),
+      "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+      "temp_bytes": float(getattr(mem, "temp_size_in_bytes", float("nan"))),
+      "argument_bytes": float(getattr(mem, "argument_size_in_bytes", float("nan"))),
+  }
+
+
+def make_trainer(size: str, mode: str, batch: int):
+  from pipeline import train  # pylint: disable=g-import-not-at-top
+
+  config = mode_config(size, mode, batch)
+  build_fn = build_naive_model if mode == "naive" else train.build_model
+  trainer = train.Trainer(config, one_device_mesh(), build_fn)
+  if not jax.tree.leaves(trainer.parts.rest_template):
+    # Pi0 keeps no non-param state; binding then needs no concrete init (abstract compiles).
+    trainer.parts.rest = trainer.parts.rest_template
+  return trainer
+
+
+def compile_train_step(trainer) -> tuple[Any, float]:
+  """The trainer's jitted step compiled from abstract state and batch; (compiled, seconds)."""
+  t0 = time.perf_counter()
+  batch = abstract_batch(trainer.config.model, trainer.config.batch_size, trainer.batch_sharding)
+  compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def step_costs(size: str, batch: int, modes: Sequence[str] = MODES,
+               log: Callable[[str], None] = print) -> tuple[dict[str, dict], dict[str, Any]]:
+  """Compiled cost of each mode's train step; also returns {mode: (trainer, compiled)}."""
+  out, compiled_steps = {}, {}
+  for mode in modes:
+    trainer = make_trainer(size, mode, batch)
+    compiled, seconds = compile_train_step(trainer)
+    out[mode] = compiled_cost(compiled)
+    out[mode]["compile_s"] = seconds
+    compiled_steps[mode] = (trainer, compiled)
+    log(f"  compiled {mode} train step at size={size} batch={batch}: "
+        f"{out[mode]['flops']:.4g} FLOPs, {out[mode]['temp_bytes'] / 2**20:.1f} MiB temp "
+        f"({seconds:.0f} s)")
+  return out, compiled_steps
+
+
+def head_costs(size: str, batch: int) -> dict[str, dict]:
+  """The energy head alone on the prefix output [B, S, W]: pairwise vs naive.
+
+  'fwd' = the [B, B] energies; 'train' = value_and_grad of InfoNCE w.r.t. head params and the
+  context (as in joint training).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
+  from pipeline.models import gemma  # pylint: disable=g-import-not-at-top
+
+  m = mode_config(size, "joint", batch).model
+  width = gemma.get_config(m.paligemma_variant).width
+  seq = prefix_len(m)
+  dtype = jnp.dtype(m.dtype)
+
+  def make(naive):
+    cls = _naive_energy_class() if naive else energy_lib.EnergyModel
+    return cls(width, m.energy_act_dim, hidden=m.energy_hidden, heads=m.energy_heads,
+               num_layers=m.energy_layers, horizon=m.action_horizon, dtype=dtype,
+               rngs=nnx.Rngs(0))
+
+  context = jax.ShapeDtypeStruct((batch, seq, width), dtype)
+  mask = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
+  actions = jax.ShapeDtypeStruct((batch, m.action_horizon, m.action_dim), jnp.float32)
+  out = {"context_shape": [batch, seq, width]}
+  for naive in (False, True):
+    abstract = nnx.eval_shape(lambda n=naive: make(n))
+    graphdef, state = nnx.split(abstract)
+
+    def energies(state, context, mask, actions):
+      model = nnx.merge(graphdef, state)
+      return model.pairwise(context, mask, actions[..., :m.energy_act_dim])
+
+    def loss(state, context, mask, actions):
+      return energy_lib.infonce(energies(state, context, mask, actions), m.energy_tau)[0]
+
+    train_fn = jax.value_and_grad(loss, argnums=(0, 1))
+    name = "naive" if naive else "pairwise"
+    out[name] = {
+        "fwd": compiled_cost(jax.jit(energies).lower(state, context, mask, actions).compile()),
+        "train": compiled_cost(jax.jit(train_fn).lower(state, context, mask, actions).compile()),
+    }
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def _block(tree):
+  return jax.block_until_ready(tree)
+
+
+def time_train_steps(trainer, steps: int, seed: int = 0, step_fn=None) -> dict[str, float]:
+  """Initializes a real state (random init) and times `steps` steps after one warm-up step.
+
+  step_fn: the trainer's step compiled already (compile_train_step), else trainer.train_step.
+  """
+  config = trainer.config
+  step_fn = step_fn or trainer.train_step
+  trainer.init_rest(jax.random.key(config.seed))
+  state = trainer.new_state()
+  batch = jax.device_put(random_batch(config.model, config.batch_size, seed),
+                         trainer.batch_sharding)
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batch)
+  _block((state, metrics))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    _block((state, metrics))
+    times.append(time.perf_counter() - t0)
+  return {"first_step_s": first, "step_s": statistics.median(times), "step_s_min": min(times),
+          "loss": float(metrics["loss"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _ratio(a: float, b: float) -> float:
+  return a / b if b else float("nan")
+
+
+def bench_energy(size: str = "full", batch: int | None = None, time_size: str | None = "mid",
+                 time_batch: int | None = None, steps: int = 3,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Compiled FLOPs / temp memory of the four steps and of the head alone; timed steps."""
+  batch = batch or default_batch(size)
+  result: dict[str, Any] = {"command": "energy", "device": device_kind(), "size": size,
+                            "batch": batch}
+  costs, compiled_steps = step_costs(size, batch, log=log)
+  a, b, c, d = (costs[k]["flops"] for k in MODES)
+  result["steps"] = costs
+  result["overhead"] = _ratio(b - a, a)
+  result["naive_overhead"] = _ratio(c - a, a)
+  result["energy_only_over_joint"] = _ratio(d, b)
+  result["joint_temp_over_no_head_temp"] = _ratio(costs["joint"]["temp_bytes"],
+                                                  costs["no_head"]["temp_bytes"])
+  result["naive_temp_over_joint_temp"] = _ratio(costs["naive"]["temp_bytes"],
+                                                costs["joint"]["temp_bytes"])
+  head = head_costs(size, batch)
+  result["head"] = head
+  for kind in ("fwd", "train"):
+    result[f"head_naive_over_pairwise_temp_{kind}"] = _ratio(
+        head["naive"][kind]["temp_bytes"], head["pairwise"][kind]["temp_bytes"])
+    result[f"head_naive_over_pairwise_flops_{kind}"] = _ratio(
+        head["naive"][kind]["flops"], head["pairwise"][kind]["flops"])
+  result["targets"] = {
+      "overhead_le_1pct": result["overhead"] <= 0.01,
+      "energy_only_le_0.4x_joint": result["energy_only_over_joint"] <= 0.4,
+      "head_temp_ge_10x_below_naive": result["head_naive_over_pairwise_temp_train"] >= 10,
+  }
+  if time_size:
+    time_batch = time_batch or default_batch(time_size)
+    timed = {}
+    reuse = (time_size, time_batch) == (size, batch)
+    if not reuse:
+      compiled_steps.clear()  # frees the executables before the timed models are built
+    for mode in ("no_head", "joint", "naive"):
+      if reuse:
+        trainer, compiled = compiled_steps[mode]
+      else:
+        trainer, compiled = make_trainer(time_size, mode, time_batch), None
+      timed[mode] = time_train_steps(trainer, steps, step_fn=compiled)
+      log(f"  timed {mode} at size={time_size} batch={time_batch}: "
+          f"{timed[mode]['step_s'] * 1e3:.1f} ms/step")
+    result["timed"] = {"size": time_size, "batch": time_batch, "steps": steps, **timed}
+    t = {k: timed[k]["step_s"] for k in timed}
+    result["timed_overhead"] = _ratio(t["joint"] - t["no_head"], t["no_head"])
+    result["timed_naive_overhead"] = _ratio(t["naive"] - t["no_head"], t["no_head"])
+  return result
+
+
+def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
+                 num_batches: int = 20, workers: Sequence[int] = (0, 1, 2),
+                 episodes: int = 8, source_image_size: int = 256, augment: bool = True,
+                 num_threads: int = 2, prefetch: int = 2, tokenizer_path: str = "",
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Full train chain vs decode-only samples/s per worker count (pipeline.data.loader)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from pipeline.data import loader  # pylint: disable=g-import-not-at-top
+  from pipeline.data import prepare  # pylint: disable=g-import-not-at-top
+  from pipeline.data import synthetic  # pylint: disable=g-import-not-at-top
+  from pipeline.data import tokenizer  # pylint: disable=g-import-not-at-top
+
+  tmp = None
+  c = common.get_base_config()
+  model_size(c, size)
+  c.batch_size = batch
+  d = c.data
+  d.augment = augment
+  d.num_threads = num_threads
+  d.prefetch = prefetch
+  if tokenizer_path:
+    d.tokenizer_path = tokenizer_path
+  try:
+    if not dataset_dir:
+      tmp = tempfile.mkdtemp(prefix="bench_loader_")
+      src = synthetic.write_lerobot_dataset(os.path.join(tmp, "source"), episodes,
+                                            image_size=source_image_size, seed=0)
+      dataset_dir = str(prepare.prepare(src, os.path.join(tmp, "prepared"),
+                                        action_horizon=c.model.action_horizon))
+      d.tokenizer_path = tokenizer_path or tokenizer.SYNTHETIC_TOKENIZER
+      c.model.vocab_size = max(c.model.vocab_size, tokenizer.SYNTHETIC_VOCAB_SIZE)
+    d.dataset_dir = str(dataset_dir)
+    rows = loader.bench_loader(c, num_batches=num_batches, workers=tuple(workers))
+  finally:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+  for row in rows:
+    row["full_over_decode"] = _ratio(row["full_samples_per_s"], row["decode_samples_per_s"])
+  result = {"command": "loader", "device": device_kind(), "host_cpus": os.cpu_count(),
+            "dataset_dir": "synthetic (temp)" if tmp else str(dataset_dir),
+            "image_size": c.model.image_size, "source_image_size": source_image_size,
+            "augment": augment, "batch": batch, "num_batches": num_batches,
+            "num_threads": num_threads, "rows": rows}
+  result["targets"] = {"full_ge_0.7x_decode": all(r["full_over_decode"] >= 0.7 for r in rows)}
+  return result
+
+
+def bench_checkpoint(size: str = "mid", batch: int | None = None, saves: int = 5,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Time the loop is blocked by `Checkpointer.save` with async saving on vs off (same state).
+
+  Between async saves the pending write is awaited outside the clock, as the loop does useful
+  work while it runs (saves are save_every steps apart).
+  """
+  from pipeline import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from pipeline import optim  # pylint: disable=g-import-not-at-top
+
+  batch = batch or default_batch(size)
+  trainer = make_trainer(size, "joint", batch)
+  trainer.init_rest(jax.random.key(0))
+  state = _block(trainer.new_state())
+  nbytes = optim.state_bytes(state)
+  result: dict[str, Any] = {"command": "checkpoint", "device": device_kind(), "size": size,
+                            "state_mib": nbytes / 2**20, "saves": saves}
+  tmp = tempfile.mkdtemp(prefix="bench_ckpt_")
+  try:
+    for async_save in (True, False):
+      name = "async" if async_save else "sync"
+      ckpt = checkpoint_lib.Checkpointer(os.path.join(tmp, name), save_every=1, max_to_keep=2,
+                                         async_save=async_save)
+      blocked, total = [], []
+      try:
+        for step in range(1, saves + 1):
+          t0 = time.perf_counter()
+          ckpt.save(step, state, force=True)
+          blocked.append(time.perf_counter() - t0)
+          ckpt.wait_until_finished()
+          total.append(time.perf_counter() - t0)
+      finally:
+        ckpt.close()
+      result[name] = {"blocked_s": statistics.median(blocked), "total_s": statistics.median(total),
+                      "blocked_all_s": blocked}
+      log(f"  {name} save: loop blocked {result[name]['blocked_s'] * 1e3:.1f} ms "
+          f"(save done after {result[name]['total_s'] * 1e3:.1f} ms)")
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  result["async_over_sync_blocked"] = _ratio(result["async"]["blocked_s"],
+                                             result["sync"]["blocked_s"])
+  result["targets"] = {"async_blocks_le_0.1x_sync": result["async_over_sync_blocked"] <= 0.1}
+  return result
+
+
+def device_kind() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind} x{jax.device_count()} ({os.cpu_count()} host cpus)"
+
+
+def peak_tflops(given: float | None) -> float | None:
+  if given:
+    return float(given)
+  kind = jax.devices()[0].device_kind
+  for name, value in _PEAK_TFLOPS_BY_KIND.items():
+    if kind.startswith(name):
+      return value
+  return None
+
+
+def bench_step(size: str = "mid", batch: int | None = None, steps: int = 3,
+               peak: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """steps/s, tokens/s, MFU of the joint and energy-only steps on the present device."""
+  batch = batch or default_batch(size)
+  peak = peak_tflops(peak)
+  result: dict[str, Any] = {"command": "step", "device": device_kind(), "size": size,
+                            "batch": batch, "peak_tflops": peak}
+  for mode in ("joint", "energy_only"):
+    trainer = make_trainer(size, mode, batch)
+    compiled, _ = compile_train_step(trainer)
+    flops = compiled_cost(compiled)["flops"]
+    timed = time_train_steps(trainer, steps, step_fn=compiled)
+    m = trainer.config.model
+    # Tokens through the LLM per example: prefix, plus the suffix (state + actions) when the
+    # action expert runs.
+    tokens = prefix_len(m) + (0 if mode == "energy_only" else 1 + m.action_horizon)
+    row = {"flops": flops, "step_s": timed["step_s"], "steps_per_s": 1.0 / timed["step_s"],
+           "tokens_per_s": batch * tokens / timed["step_s"],
+           "achieved_tflops": flops / timed["step_s"] / 1e12}
+    row["mfu"] = row["achieved_tflops"] / peak if peak else None
+    result[mode] = row
+    mfu = f"{row['mfu']:.1%}" if peak else "n/a"
+    log(f"  {mode}: {row['steps_per_s']:.2f} steps/s, {row['tokens_per_s']:.0f} tokens/s, "
+        f"{row['achieved_tflops'] * 1e3:.2f} GFLOP/s, MFU {mfu}")
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(x: Any) -> str:
+  if isinstance(x, float):
+    return f"{x:.4g}"
+  return str(x)
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """Human-readable summary of a result dict."""
+  cmd = result["command"]
+  lines = [f"== bench {cmd} on {result['device']}"]
+  if cmd == "energy":
+    lines.append(f"train step at size={result['size']} batch={result['batch']} "
+                 "(compiled cost_analysis / memory_analysis):")
+    lines.append(f"  {'mode':<12} {'GFLOPs':>12} {'temp MiB':>10}")
+    for mode in MODES:
+      s = result["steps"][mode]
+      lines.append(f"  {mode:<12} {s['flops'] / 1e9:>12.2f} {s['temp_bytes'] / 2**20:>10.1f}")
+    lines.append(f"  overhead (b-a)/a            {result['overhead']:.3%}")
+    lines.append(f"  naive overhead (c-a)/a      {result['naive_overhead']:.3%}")
+    lines.append(f"  energy-only / joint  d/b    {result['energy_only_over_joint']:.3f}")
+    h = result["head"]
+    lines.append(f"head alone on prefix output {h['context_shape']}:")
+    for kind in ("fwd", "train"):
+      p, n = h["pairwise"][kind], h["naive"][kind]
+      lines.append(f"  {kind:<5} pairwise {p['flops'] / 1e9:.2f} GFLOPs {p['temp_bytes'] / 2**20:.1f}"
+                   f" MiB temp | naive {n['flops'] / 1e9:.2f} GFLOPs "
+                   f"{n['temp_bytes'] / 2**20:.1f} MiB temp | naive/pairwise temp "
+                   f"{result[f'head_naive_over_pairwise_temp_{kind}']:.1f}x")
+    if "timed" in result:
+      t = result["timed"]
+      lines.append(f"wall clock at size={t['size']} batch={t['batch']} (median of {t['steps']}):")
+      for mode in ("no_head", "joint", "naive"):
+        lines.append(f"  {mode:<12} {t[mode]['step_s'] * 1e3:.1f} ms/step")
+      lines.append(f"  overhead {result['timed_overhead']:.2%}, naive overhead "
+                   f"{result['timed_naive_overhead']:.2%}")
+  elif cmd == "loader":
+    lines.append(f"batch {result['batch']}, image {result['image_size']} px (source "
+                 f"{result['source_image_size']} px), augment={result['augment']}")
+    for r in result["rows"]:
+      lines.append(f"  workers={r['workers']}: full {r['full_samples_per_s']:.1f} samples/s, "
+                   f"decode-only {r['decode_samples_per_s']:.1f} samples/s, ratio "
+                   f"{r['full_over_decode']:.2f}")
+  elif cmd == "checkpoint":
+    lines.append(f"state {result['state_mib']:.1f} MiB, median of {result['saves']} saves")
+    for name in ("async", "sync"):
+      lines.append(f"  {name:<5} loop blocked {result[name]['blocked_s'] * 1e3:.1f} ms, save "
+                   f"done after {result[name]['total_s'] * 1e3:.1f} ms")
+    lines.append(f"  async / sync blocked time {result['async_over_sync_blocked']:.3f}")
+  elif cmd == "step":
+    lines.append(f"size={result['size']} batch={result['batch']} peak TFLOP/s="
+                 f"{_fmt(result['peak_tflops']) if result['peak_tflops'] else 'n/a'}")
+    for mode in ("joint", "energy_only"):
+      r = result[mode]
+      mfu = f"{r['mfu']:.2%}" if r["mfu"] is not None else "n/a"
+      lines.append(f"  {mode:<12} {r['steps_per_s']:.3f} steps/s, {r['tokens_per_s']:.0f} "
+                   f"tokens/s, {r['flops'] / 1e9:.2f} GFLOPs/step, MFU {mfu}")
+  if "targets" in result:
+    lines.append("targets: " + ", ".join(f"{k}={'met' if v else 'MISSED'}"
+                                         for k, v in result["targets"].items()))
+  return "\n".join(lines)
+
+
+def run(command: str, **kwargs) -> dict[str, Any]:
+  """Runs one benchmark command in-process; returns its JSON-serializable result."""
+  fns = {"energy": bench_energy, "loader": bench_loader, "checkpoint": bench_checkpoint,
+         "step": bench_step}
+  if command not in fns:
+    raise ValueError(f"unknown bench command {command!r}; expected one of {COMMANDS}")
+  result = fns[command](**kwargs)
+  json.dumps(result)  # fails here, not in the caller, if something is not serializable
+  return result
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m pipeline.bench {{{'|'.join(COMMANDS)}}} [--json]")
+  command = argv[1]
+  logging.set_verbosity(logging.WARNING)  # the trainer logs every param's sharding at INFO
+  log = (lambda s: print(s, file=sys.stderr)) if _JSON.value else print
+  if command == "energy":
+    kwargs = dict(size=_SIZE.value or "full", batch=_BATCH.value, time_size=_TIME_SIZE.value,
+                  time_batch=_TIME_BATCH.value, steps=_STEPS.value, log=log)
+  elif command == "loader":
+    size = _SIZE.value or "full"
+    kwargs = dict(dataset_dir=_DATASET_DIR.value, size=size,
+                  batch=_BATCH.value or default_batch(size), num_batches=_BATCHES.value,
+                  workers=[int(w) for w in _WORKERS.value], episodes=_EPISODES.value,
+                  source_image_size=_SOURCE_IMAGE_SIZE.value, augment=_AUGMENT.value,
+                  tokenizer_path=_TOKENIZER.value, log=log)
+  elif command == "checkpoint":
+    kwargs = dict(size=_SIZE.value or "mid", batch=_BATCH.value, saves=_SAVES.value, log=log)
+  else:
+    kwargs = dict(size=_SIZE.value or "mid", batch=_BATCH.value, steps=_STEPS.value,
+                  peak=_PEAK_TFLOPS.value, log=log)
+  result = run(command, **kwargs)
+  if _JSON.value:
+    print(json.dumps(result))
+  else:
+    print(format_table(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,209 @@
+"""Evaluation of a trained workdir on the held-out episodes.
+
+  python -m pipeline.evaluate --config=configs/joint.py:smoke --workdir=/tmp/pi0e \
+      [--refine_steps=5 --refine_step_sizes=0.01,0.03,0.1 --refine_max_step=0.1]
+
+Restores the latest checkpoint in workdir/checkpoints (EMA params when the state has them and
+config.eval_use_ema, else the trained params) and measures on the eval split:
+  flow_loss, energy_loss (InfoNCE at the configured batch), retrieval_accuracy, E_pos, E_neg
+    (pipeline.train's eval step);
+  sample_mse: MSE of model.sample_actions vs the ground-truth actions over the first
+    energy_act_dim dims and the valid (not padded) steps, and sample_mse_refine_<step size>
+    after energy refinement of the same samples, for each step size.
+The numbers go to TensorBoard under workdir (prefix 'eval/', at the checkpoint's step) and are
+printed as a table.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pipeline import checkpoint as checkpoint_lib
+from pipeline import metrics as metrics_lib
+from pipeline import sharding as sharding_lib
+from pipeline import train
+
+DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1)
+
+
+def make_sample_step(parts: train.ModelParts, *, num_steps: int = 10, refine_steps: int = 5,
+                     step_sizes: Sequence[float] = DEFAULT_STEP_SIZES,
+                     max_step: float = 0.1) -> Callable:
+  """(params, batch, rng) -> {name: (sum of squared errors, count)} of sampled actions.
+
+  The refined samples start from the same Euler samples (same noise) as the unrefined ones, and
+  refine them with the prefix output of the same observation, which is what
+  `sample_actions(..., refine_steps=k, refine_step_size=s)` computes, without re-running the
+  flow for every step size.
+  """
+  from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
+
+  step_sizes = tuple(float(s) for s in step_sizes)
+  if refine_steps < 0:
+    raise ValueError(f"--refine_steps must be >= 0, got {refine_steps}")
+
+  def sample_step(params, batch, rng):
+    model = parts.bind(params)
+    actions = batch["actions"]
+    act_dim = model.config.energy_act_dim
+    valid = (~batch["actions_is_pad"]).astype(jnp.float32)[..., None]
+    count = jnp.sum(valid) * act_dim
+
+    def sse(pred):
+      err = (pred[..., :act_dim] - actions[..., :act_dim].astype(jnp.float32)) * valid
+      return jnp.sum(jnp.square(err))
+
+    noise = jax.random.normal(rng, actions.shape, jnp.float32)
+    sampled = model.sample_actions(rng, batch, num_steps=num_steps, noise=noise)
+    out = {"sample_mse": (sse(sampled), count)}
+    if model.energy is not None and refine_steps > 0 and step_sizes:
+      context, mask = model.encode_prefix(batch)
+      for s in step_sizes:
+        refined = energy_lib.refine(model.energy, context, mask, sampled, steps=refine_steps,
+                                    step_size=s, max_step=max_step)
+        out[f"sample_mse_refine_{s:g}"] = (sse(refined), count)
+    return out
+
+  return sample_step
+
+
+def eval_metrics(trainer: train.Trainer, params: Any, batches: Iterable[Any], *, rng: jax.Array,
+                 num_batches: int | None = None, sample_step: Callable | None = None
+                 ) -> dict[str, float]:
+  """Loss metrics (mean over batches) and sample MSEs (exact over all valid entries).
+
+  `batches` yields global batches (already on the trainer's mesh); `sample_step` is a jitted
+  make_sample_step (None skips sampling).
+  """
+  acc = metrics_lib.MeanAccumulator()
+  sums: dict[str, list[float]] = {}
+  n = 0
+  for i, batch in enumerate(batches):
+    if num_batches is not None and i >= num_batches:
+      break
+    key = jax.random.fold_in(rng, i)
+    acc.add(trainer.eval_step(params, batch, key))
+    if sample_step is not None:
+      for name, (err, count) in jax.device_get(sample_step(params, batch, key)).items():
+        total = sums.setdefault(name, [0.0, 0.0])
+        total[0] += float(err)
+        total[1] += float(count)
+    n += 1
+  if not n:
+    raise ValueError("evaluation got no batch (empty eval split?)")
+  out = acc.summary()
+  for name, (err, count) in sums.items():
+    out[name] = err / count if count else float("nan")
+  out["num_batches"] = float(n)
+  return out
+
+
+def format_table(step: int, values: dict[str, float]) -> str:
+  width = max(len(k) for k in values)
+  lines = [f"eval at step {step}", f"{'metric':<{width}}  value", "-" * (width + 14)]
+  lines += [f"{k:<{width}}  {v:.6g}" for k, v in sorted(values.items())]
+  return "\n".join(lines)
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
+                     num_batches: int | None = -1, use_ema: bool | None = None,
+                     num_steps: int = 10, refine_steps: int = 5,
+                     step_sizes: Sequence[float] = DEFAULT_STEP_SIZES, max_step: float = 0.1,
+                     write: bool = True, print_fn: Callable[[str], None] | None = print
+                     ) -> tuple[int, dict[str, float]]:
+  """Evaluates the latest checkpoint of workdir; returns (step, {'eval/<name>': value}).
+
+  num_batches: -1 = config.eval_batches, None or 0 = the whole eval split.
+  use_ema: None = config.eval_use_ema.
+  """
+  config = train.resolve_paths(config, workdir)
+  if mesh is None:
+    mesh = sharding_lib.make_mesh(config.mesh.fsdp)
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  trainer = train.Trainer(config, mesh)
+  trainer.init_rest(jax.random.key(config.seed))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, save_every=max(int(config.save_every), 1))
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (train first, or check --workdir)")
+    state, _ = ckpt.restore(step, trainer.abstract_state)
+  finally:
+    ckpt.close()
+  use_ema = config.eval_use_ema if use_ema is None else use_ema
+  params = train.eval_params(state, trainer.mask, use_ema)
+  if num_batches == -1:
+    num_batches = config.eval_batches
+  sample_step = jax.jit(
+      make_sample_step(trainer.parts, num_steps=num_steps, refine_steps=refine_steps,
+                       step_sizes=step_sizes, max_step=max_step),
+      in_shardings=(trainer.param_shardings, trainer.batch_sharding, trainer.replicated),
+      out_shardings=trainer.replicated)
+  it = iter(train.make_dataset(config, "eval"))
+  try:
+    batches = (train.to_global_batch(b, mesh) for b in it)
+    values = eval_metrics(trainer, params, batches, rng=jax.random.key(config.seed + 1),
+                          num_batches=num_batches or None, sample_step=sample_step)
+  finally:
+    close = getattr(it, "close", None)
+    if close is not None:
+      close()
+  values["uses_ema"] = float(bool(use_ema and state.ema is not None))
+  out = {f"eval/{k}": v for k, v in values.items()}
+  if write:
+    writer = metrics_lib.create_writer(workdir)
+    writer.write_scalars(step, out)
+    writer.flush()
+  if print_fn is not None:
+    print_fn(format_table(step, values))
+  return step, out
+
+
+def _define_flags():
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Training config file of the run, `path.py:variant`.", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "The run's workdir (checkpoints, TensorBoard).")
+  flags.DEFINE_integer("eval_batches", -1,
+                       "Eval batches (-1: config.eval_batches, 0: the whole eval split).")
+  flags.DEFINE_enum("use_ema", "config", ["config", "true", "false"],
+                    "Evaluate EMA params (config: config.eval_use_ema).")
+  flags.DEFINE_integer("num_steps", 10, "Euler steps of sample_actions.")
+  flags.DEFINE_integer("refine_steps", 5, "Energy refinement steps (0: no refinement).")
+  flags.DEFINE_list("refine_step_sizes", [f"{s:g}" for s in DEFAULT_STEP_SIZES],
+                    "Refinement step sizes, one refined MSE each.")
+  flags.DEFINE_float("refine_max_step", 0.1, "Bound on the L2 norm of one refinement step.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config, workdir
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  use_ema = {"config": None, "true": True, "false": False}[f.use_ema]
+  try:
+    step_sizes = [float(s) for s in f.refine_step_sizes]
+  except ValueError as e:
+    raise app.UsageError(f"--refine_step_sizes must be numbers: {f.refine_step_sizes}") from e
+  workdir = os.path.abspath(os.path.expanduser(f.workdir))
+  logging.set_verbosity(logging.WARNING)
+  evaluate_workdir(f.config, workdir, num_batches=f.eval_batches, use_ema=use_ema,
+                   num_steps=f.num_steps, refine_steps=f.refine_steps, step_sizes=step_sizes,
+                   max_step=f.refine_max_step)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,115 @@
+"""pipeline.bench: every command runs on tiny settings and returns / prints valid JSON."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pipeline import bench
+from pipeline.data import tokenizer
+from pipeline.models import energy as energy_lib
+from tests.data.conftest import prepared_dataset  # pylint: disable=unused-import
+
+
+def _check_json(result):
+  text = json.dumps(result)
+  assert json.loads(text)["command"] == result["command"]
+  return text
+
+
+def test_naive_pairwise_matches_pairwise():
+  """The bench's naive reference computes the same [B, B] energies as the O(B) pairwise head."""
+  model = energy_lib.EnergyModel(16, 3, hidden=8, heads=2, num_layers=1, horizon=4,
+                                 rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  context = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+  mask = jnp.asarray(rng.uniform(size=(3, 5)) > 0.3).at[:, 0].set(True)
+  actions = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
+  naive = bench.naive_pairwise(model, context, mask, actions)
+  ref = np.array([[float(model(context[i:i + 1], mask[i:i + 1], actions[j:j + 1])[0])
+                   for j in range(3)] for i in range(3)])
+  np.testing.assert_allclose(naive, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.pairwise(context, mask, actions), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_len_full_size():
+  config = bench.mode_config("full", "joint", 32)
+  assert bench.prefix_len(config.model) == 3 * 256 + 48  # the [32, 816, 2048] prefix output
+
+
+def test_energy_tiny(capsys):
+  result = bench.run("energy", size="tiny", batch=4, time_size="tiny", time_batch=4, steps=1)
+  _check_json(result)
+  steps = result["steps"]
+  assert set(steps) == set(bench.MODES)
+  # The head adds work; the naive head more; energy-only skips the action expert's backward.
+  assert steps["no_head"]["flops"] < steps["joint"]["flops"] < steps["naive"]["flops"]
+  assert steps["energy_only"]["flops"] < steps["joint"]["flops"]
+  assert result["naive_overhead"] > result["overhead"] > 0
+  head = result["head"]
+  assert head["context_shape"] == [4, bench.prefix_len(bench.mode_config("tiny", "joint", 4).model),
+                                   32]
+  assert head["naive"]["train"]["temp_bytes"] > head["pairwise"]["train"]["temp_bytes"]
+  for mode in ("no_head", "joint", "naive"):
+    assert result["timed"][mode]["step_s"] > 0
+    assert np.isfinite(result["timed"][mode]["loss"])
+  table = bench.format_table(result)
+  assert "overhead" in table and "naive" in table
+
+
+def test_step_tiny():
+  result = bench.run("step", size="tiny", batch=4, steps=1, peak=1.0)
+  _check_json(result)
+  for mode in ("joint", "energy_only"):
+    r = result[mode]
+    assert r["steps_per_s"] > 0 and r["tokens_per_s"] > 0 and r["flops"] > 0
+    np.testing.assert_allclose(r["mfu"], r["flops"] * r["steps_per_s"] / 1e12, rtol=1e-6)
+  assert "MFU" in bench.format_table(result)
+
+
+def test_step_mfu_is_na_without_peak():
+  if jax.devices()[0].platform != "cpu":
+    pytest.skip("peak known for accelerators")
+  assert bench.peak_tflops(None) is None
+  assert bench.peak_tflops(2.5) == 2.5
+
+
+def test_checkpoint_tiny():
+  result = bench.run("checkpoint", size="tiny", batch=4, saves=2)
+  _check_json(result)
+  for name in ("async", "sync"):
+    assert len(result[name]["blocked_all_s"]) == 2
+    assert 0 < result[name]["blocked_s"] <= result[name]["total_s"]
+  assert result["async_over_sync_blocked"] > 0
+
+
+def test_loader_tiny(prepared_dataset):  # pylint: disable=redefined-outer-name
+  result = bench.run("loader", dataset_dir=str(prepared_dataset), size="tiny", batch=4,
+                     num_batches=2, workers=(0,), tokenizer_path=tokenizer.SYNTHETIC_TOKENIZER)
+  _check_json(result)
+  (row,) = result["rows"]
+  assert row["workers"] == 0
+  assert row["full_samples_per_s"] > 0 and row["decode_samples_per_s"] > 0
+  assert "decode-only" in bench.format_table(result)
+
+
+def test_main_prints_one_json_object(capsys, monkeypatch):
+  monkeypatch.setattr(bench, "run", lambda command, **kw: {"command": command, "device": "x",
+                                                          "kwargs": sorted(kw)})
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.FLAGS(["bench", "--json", "--size=tiny"])
+  try:
+    bench.main(["bench", "checkpoint"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = json.loads(capsys.readouterr().out)
+  assert out["command"] == "checkpoint" and "saves" in out["kwargs"]
+
+
+def test_bad_command_and_size():
+  with pytest.raises(ValueError, match="unknown bench command"):
+    bench.run("nope")
+  with pytest.raises(ValueError, match="size must be one of"):
+    bench.mode_config("huge", "joint", 4)
