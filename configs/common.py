@@ -143,7 +143,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.vision_variant = "tiny"
   m.image_size = 32
   m.action_horizon = 10
-  m.max_token_len = 16
+  m.max_token_len = 24  # the longest LIBERO prompt is 21 synthetic-tokenizer tokens
   m.vocab_size = tokenizer.SYNTHETIC_VOCAB_SIZE
   m.dtype = "float32"
   m.remat = False
@@ -155,8 +155,8 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   d.source_dir = "{workdir}/synthetic_source"
   d.dataset_dir = "{workdir}/data"
   d.synthetic = True
-  d.synthetic_episodes = 24
-  d.eval_fraction = 0.15
+  d.synthetic_episodes = 64
+  d.eval_fraction = 0.1
   d.num_workers = 0
   d.num_threads = 2
   d.prefetch = 16

@@ -337,29 +337,41 @@ def _block(tree):
   return jax.block_until_ready(tree)
 
 
-def time_train_steps(trainer, steps: int, seed: int = 0, step_fn=None) -> dict[str, float]:
-  """Initializes a real state (random init) and times `steps` steps after one warm-up step.
-
-  step_fn: the trainer's step compiled already (compile_train_step), else trainer.train_step.
-  """
+def _init_for_timing(trainer, seed: int = 0):
   config = trainer.config
-  step_fn = step_fn or trainer.train_step
   trainer.init_rest(jax.random.key(config.seed))
   state = trainer.new_state()
   batch = jax.device_put(random_batch(config.model, config.batch_size, seed),
                          trainer.batch_sharding)
-  t0 = time.perf_counter()
-  state, metrics = step_fn(state, batch)
-  _block((state, metrics))
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
+  return state, batch
+
+
+def time_train_steps(runs: dict[str, tuple[Any, Any]], steps: int,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+  """Times the train steps of several trainers, interleaved, after one warm-up step each.
+
+  runs: {name: (trainer, compiled step or None for trainer.train_step)}. One step of each run
+  per round, so that a change of machine load hits every run alike; the median is reported.
+  """
+  live, out = {}, {}
+  for name, (trainer, step_fn) in runs.items():
+    state, batch = _init_for_timing(trainer, seed)
+    step_fn = step_fn or trainer.train_step
     t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    _block((state, metrics))
-    times.append(time.perf_counter() - t0)
-  return {"first_step_s": first, "step_s": statistics.median(times), "step_s_min": min(times),
-          "loss": float(metrics["loss"])}
+    state, metrics = _block(step_fn(state, batch))
+    live[name] = [step_fn, state, batch, metrics, []]
+    out[name] = {"first_step_s": time.perf_counter() - t0}
+  for _ in range(steps):
+    for name, run_ in live.items():
+      step_fn, state, batch = run_[:3]
+      t0 = time.perf_counter()
+      state, metrics = _block(step_fn(state, batch))
+      run_[4].append(time.perf_counter() - t0)
+      run_[1], run_[3] = state, metrics
+  for name, (_, _, _, metrics, times) in live.items():
+    out[name].update(step_s=statistics.median(times), step_s_min=min(times),
+                     loss=float(metrics["loss"]))
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +406,8 @@ def bench_energy(size: str = "full", batch: int | None = None, time_size: str | 
         head["naive"][kind]["temp_bytes"], head["pairwise"][kind]["temp_bytes"])
     result[f"head_naive_over_pairwise_flops_{kind}"] = _ratio(
         head["naive"][kind]["flops"], head["pairwise"][kind]["flops"])
+  # The head's own training cost as a share of the step without it: explains `overhead`.
+  result["head_train_flops_over_no_head_step"] = _ratio(head["pairwise"]["train"]["flops"], a)
   result["targets"] = {
       "overhead_le_1pct": result["overhead"] <= 0.01,
       "energy_only_le_0.4x_joint": result["energy_only_over_joint"] <= 0.4,
@@ -401,18 +415,16 @@ def bench_energy(size: str = "full", batch: int | None = None, time_size: str | 
   }
   if time_size:
     time_batch = time_batch or default_batch(time_size)
-    timed = {}
     reuse = (time_size, time_batch) == (size, batch)
     if not reuse:
       compiled_steps.clear()  # frees the executables before the timed models are built
-    for mode in ("no_head", "joint", "naive"):
-      if reuse:
-        trainer, compiled = compiled_steps[mode]
-      else:
-        trainer, compiled = make_trainer(time_size, mode, time_batch), None
-      timed[mode] = time_train_steps(trainer, steps, step_fn=compiled)
+    runs = {mode: (compiled_steps[mode] if reuse else
+                   (make_trainer(time_size, mode, time_batch), None))
+            for mode in ("no_head", "joint", "naive")}
+    timed = time_train_steps(runs, steps)
+    for mode, t in timed.items():
       log(f"  timed {mode} at size={time_size} batch={time_batch}: "
-          f"{timed[mode]['step_s'] * 1e3:.1f} ms/step")
+          f"{t['step_s'] * 1e3:.1f} ms/step")
     result["timed"] = {"size": time_size, "batch": time_batch, "steps": steps, **timed}
     t = {k: timed[k]["step_s"] for k in timed}
     result["timed_overhead"] = _ratio(t["joint"] - t["no_head"], t["no_head"])
@@ -538,7 +550,8 @@ def bench_step(size: str = "mid", batch: int | None = None, steps: int = 3,
     trainer = make_trainer(size, mode, batch)
     compiled, _ = compile_train_step(trainer)
     flops = compiled_cost(compiled)["flops"]
-    timed = time_train_steps(trainer, steps, step_fn=compiled)
+    timed = time_train_steps({mode: (trainer, compiled)}, steps)[mode]
+    del compiled
     m = trainer.config.model
     # Tokens through the LLM per example: prefix, plus the suffix (state + actions) when the
     # action expert runs.
@@ -586,6 +599,8 @@ def format_table(result: dict[str, Any]) -> str:
                    f" MiB temp | naive {n['flops'] / 1e9:.2f} GFLOPs "
                    f"{n['temp_bytes'] / 2**20:.1f} MiB temp | naive/pairwise temp "
                    f"{result[f'head_naive_over_pairwise_temp_{kind}']:.1f}x")
+    lines.append(f"  head train FLOPs / no-head step FLOPs "
+                 f"{result['head_train_flops_over_no_head_step']:.3%}")
     if "timed" in result:
       t = result["timed"]
       lines.append(f"wall clock at size={t['size']} batch={t['batch']} (median of {t['steps']}):")

@@ -15,8 +15,6 @@ from typing import Any
 
 from absl import logging
 import grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 from flax import traverse_util
@@ -97,19 +95,6 @@ def _flat(tree: Any) -> dict[str, Any]:
           for keys, v in traverse_util.flatten_dict(tree).items()}
 
 
-def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
-  """'/'-joined param path -> shape of an openpi-layout params checkpoint (`params/<path>/value`)."""
-  md = ocp.PyTreeCheckpointer().metadata(path)
-  tree = getattr(md, "item_metadata", md)
-  tree = getattr(tree, "tree", tree)
-  if isinstance(tree, dict) and set(tree) == {"params"}:
-    tree = tree["params"]
-  flat = traverse_util.flatten_dict(tree, is_leaf=lambda _, v: not isinstance(v, dict))
-  if flat and all(k[-1] == "value" for k in flat):
-    flat = {k[:-1]: v for k, v in flat.items()}
-  return {"/".join(str(k) for k in keys): tuple(v.shape) for keys, v in flat.items()}
-
-
 def check_weights(ckpt_shapes: dict[str, tuple[int, ...]], target: Any, missing_ok: str,
                   source: str = "checkpoint") -> list[str]:
   """Raises naming every missing / extra / mis-shaped param; returns the allowed-missing ones."""
@@ -135,25 +120,19 @@ def load_weights(path: str, target: Any, *, missing_ok: str = r"energy/.*") -> t
   """
   from pipeline.models import openpi_checkpoint  # pylint: disable=g-import-not-at-top
 
-  allowed = check_weights(checkpoint_shapes(path), target, missing_ok, source=path)
-  flat_target = traverse_util.flatten_dict(target)
+  # Checked from metadata first, so that nothing is read when the trees disagree.
+  shapes = {k: tuple(shape) for k, (shape, _) in
+            openpi_checkpoint.checkpoint_param_shapes(path).items()}
+  allowed = check_weights(shapes, target, missing_ok, source=path)
   skip = set(allowed)
   sub = traverse_util.unflatten_dict(
-      {k: v for k, v in flat_target.items() if "/".join(map(str, k)) not in skip})
-  loaded = openpi_checkpoint.restore_openpi_params(path, target=sub)
-  # Orbax returns str keys where the model uses int ones (nnx.List); realign to the target tree.
-  flat_loaded = _flat(loaded)
-  out = {}
-  for keys, t in traverse_util.flatten_dict(sub).items():
-    x = flat_loaded["/".join(map(str, keys))]
-    if tuple(x.shape) != tuple(t.shape):
-      raise ValueError(f"shape mismatch for param {'/'.join(map(str, keys))}: {x.shape} vs {t.shape}")
-    if x.dtype != t.dtype:
-      x = x.astype(t.dtype)
-    out[keys] = x
-  logging.info("weights: loaded %d params from %s; kept init for %d (%s)", len(out), path,
+      {k: v for k, v in traverse_util.flatten_dict(target).items()
+       if "/".join(map(str, k)) not in skip})
+  # Arrays are cast to the target dtypes and placed in the target shardings while reading.
+  out = openpi_checkpoint.restore_openpi_params(path, target=sub)
+  logging.info("weights: loaded %d params from %s; kept init for %d (%s)", len(shapes), path,
                len(allowed), ", ".join(allowed[:8]) + ("..." if len(allowed) > 8 else ""))
-  return traverse_util.unflatten_dict(out), allowed
+  return out, allowed
 
 
 def config_to_json(config) -> dict:
@@ -168,6 +147,3 @@ def read_json(path: str) -> dict | None:
     return json.load(f)
 
 
-def all_finite(tree: Any) -> bool:
-  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.floating))

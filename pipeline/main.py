@@ -31,6 +31,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "auto: initialize when a coordinator is given or a multi-host TPU is detected; on: always "
     "(JAX detects the cluster); off: never.")
+_VERBOSE_CHECKPOINTS = flags.DEFINE_bool(
+    "verbose_checkpoints", False, "Keep Orbax's INFO logs (one line per checkpoint step otherwise).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -73,13 +75,24 @@ def parse_flags(argv: list[str]) -> list[str]:
                      "config is locked, see configs/common.py for its fields") from e
 
 
+class _QuietCheckpointInfo(logging.logging.Filter):
+  """Drops Orbax's per-save INFO chatter (dozens of lines per checkpoint); keeps warnings."""
+
+  def filter(self, record):
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _VERBOSE_CHECKPOINTS.value:
+    logging.get_absl_handler().addFilter(_QuietCheckpointInfo())
   maybe_initialize_distributed()
   config = _CONFIG.value
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = _WORKDIR.value
+  if "://" not in workdir:  # gs:// and other remote paths are used as given
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.fsdp)
   logging.info("process %d/%d; local devices %d, global devices %d (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -54,6 +54,3 @@ def make_periodic_actions(config, workdir: str, writer: metric_writers.MetricWri
         first_profile=config.profile.first_step, every_secs=config.profile.every_secs))
   return hooks
 
-
-def finite(values: Mapping[str, float]) -> bool:
-  return all(np.isfinite(v) for v in values.values())

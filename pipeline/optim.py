@@ -13,7 +13,7 @@ optimizer as zeros whose (discarded) updates XLA removes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax

@@ -15,7 +15,7 @@ shape); anything else (counters, step, rng) is replicated.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging

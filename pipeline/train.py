@@ -14,7 +14,6 @@ it into trainable / frozen parts by the config's regexes and differentiates the 
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import shutil
 import time
@@ -27,9 +26,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from pipeline import checkpoint as checkpoint_lib
 from pipeline import metrics as metrics_lib
@@ -394,16 +392,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
   hooks = metrics_lib.make_periodic_actions(config, workdir, writer, num_steps)
   acc = metrics_lib.MeanAccumulator()
   eval_rng = jax.random.key(config.seed + 1)
-  pending_bad = None  # previous step's bad-step counter: checked one step late to keep dispatch async
+  # (step, on-device bad-step counter) not yet checked. Checking one step late keeps dispatch
+  # asynchronous; eval and saves check first, so a run that must stop saves nothing more.
+  pending = None
+
+  def settle():
+    nonlocal pending
+    if pending is not None:
+      _check_bad_steps(int(pending[1]), config.max_bad_steps, pending[0])
+      pending = None
+
   t0 = time.time()
   try:
     for step in range(start + 1, num_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = to_global_batch(next(train_iter), mesh)
         state, step_metrics = trainer.train_step(state, batch)
-      if pending_bad is not None:
-        _check_bad_steps(int(pending_bad), config.max_bad_steps, step - 1)
-      pending_bad = step_metrics.pop("bad_steps")
+      settle()
+      pending = (step, step_metrics.pop("bad_steps"))
       acc.add(step_metrics)
       for hook in hooks:
         hook(step)
@@ -411,18 +417,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
       if step % config.log_every == 0 or step == num_steps:
         writer.write_scalars(step, acc.summary("train/"))
       if step % config.eval_every == 0 or step == num_steps:
-        _check_bad_steps(int(pending_bad), config.max_bad_steps, step)
+        settle()
         writer.write_scalars(step, run_eval(trainer, state, config, eval_rng))
-      if ckpt.should_save(step) or step == num_steps:
-        _check_bad_steps(int(pending_bad), config.max_bad_steps, step)
+      # Every host must ask at every step: they agree on the step at which to stop.
+      preempted = ckpt.reached_preemption(step)
+      if preempted or step == num_steps or ckpt.should_save(step):
+        settle()
         ckpt.save(step, state, train_iter, config=config_json, norm_stats=norm_stats,
-                  force=step == num_steps)
-      if ckpt.reached_preemption(step):
+                  force=preempted or step == num_steps)
+      if preempted:
         ckpt.wait_until_finished()
         logging.warning("preemption notice: checkpoint saved at step %d; exiting cleanly", step)
         return state
-    if pending_bad is not None:
-      _check_bad_steps(int(pending_bad), config.max_bad_steps, num_steps)
+    settle()
     logging.info("training done at step %d (%.1f s)", max(start, num_steps), time.time() - t0)
   finally:
     writer.flush()

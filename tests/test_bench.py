@@ -28,8 +28,9 @@ def test_naive_pairwise_matches_pairwise():
   mask = jnp.asarray(rng.uniform(size=(3, 5)) > 0.3).at[:, 0].set(True)
   actions = jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32)
   naive = bench.naive_pairwise(model, context, mask, actions)
-  ref = np.array([[float(model(context[i:i + 1], mask[i:i + 1], actions[j:j + 1])[0])
-                   for j in range(3)] for i in range(3)])
+  one = jax.jit(lambda c, m, a: model(c[None], m[None], a[None])[0])
+  ref = np.array([[float(one(context[i], mask[i], actions[j])) for j in range(3)]
+                  for i in range(3)])
   np.testing.assert_allclose(naive, ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model.pairwise(context, mask, actions), ref, rtol=1e-5, atol=1e-5)
 
@@ -39,8 +40,9 @@ def test_prefix_len_full_size():
   assert bench.prefix_len(config.model) == 3 * 256 + 48  # the [32, 816, 2048] prefix output
 
 
-def test_energy_tiny(capsys):
-  result = bench.run("energy", size="tiny", batch=4, time_size="tiny", time_batch=4, steps=1)
+def test_energy_tiny():
+  # Timing is covered by test_step_tiny; here only the compiled costs (4 steps + the head).
+  result = bench.run("energy", size="tiny", batch=4, time_size=None)
   _check_json(result)
   steps = result["steps"]
   assert set(steps) == set(bench.MODES)
@@ -52,9 +54,7 @@ def test_energy_tiny(capsys):
   assert head["context_shape"] == [4, bench.prefix_len(bench.mode_config("tiny", "joint", 4).model),
                                    32]
   assert head["naive"]["train"]["temp_bytes"] > head["pairwise"]["train"]["temp_bytes"]
-  for mode in ("no_head", "joint", "naive"):
-    assert result["timed"][mode]["step_s"] > 0
-    assert np.isfinite(result["timed"][mode]["loss"])
+  assert "timed" not in result
   table = bench.format_table(result)
   assert "overhead" in table and "naive" in table
 

@@ -3,7 +3,6 @@ import os
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -91,13 +90,6 @@ def _write_openpi(path, params):
 def _target(mesh=None):
   parts = train.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
   return parts.abstract_params
-
-
-def test_checkpoint_shapes_strip_params_and_value(tmp_path):
-  params = {"a": {"kernel": np.zeros((2, 3), np.float32)}, "layers": {0: {"w": np.zeros(4)}}}
-  _write_openpi(tmp_path / "p", params)
-  assert checkpoint.checkpoint_shapes(str(tmp_path / "p")) == {
-      "a/kernel": (2, 3), "layers/0/w": (4,)}
 
 
 def test_check_weights_names_bad_params():

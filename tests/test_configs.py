@@ -79,8 +79,10 @@ def _parse(argv, monkeypatch):
 
 def test_flag_overrides(monkeypatch):
   c = _parse(["prog", f"--config={ROOT}/configs/joint.py:smoke", "--config.optim.peak_lr=0.01",
-              "--config.optim.frozen=('PaliGemma/img/.*',)", "--config.batch_size=8"],
+              "--config.optim.frozen=('PaliGemma/img/.*',)", "--config.batch_size=8",
+              "--config.sharding.rules=(('PaliGemma/img/.*', 'replicate'), ('.*', 'fsdp'))"],
              monkeypatch)
+  assert c.sharding.rules == (("PaliGemma/img/.*", "replicate"), (".*", "fsdp"))
   assert c.optim.peak_lr == 0.01
   assert c.optim.frozen == ("PaliGemma/img/.*",)
   assert c.batch_size == 8

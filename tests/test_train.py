@@ -4,11 +4,9 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from jax.sharding import PartitionSpec as P
 
 from configs import energy_only
 from configs import pi0_libero
@@ -40,7 +38,6 @@ def smoke_config(**overrides):
   c.log_every = 10
   c.eval_every = 30
   c.save_every = 20
-  c.data.synthetic_episodes = 16
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
@@ -222,3 +219,60 @@ def test_non_finite_steps_stop_the_run(smoke, tmp_path, monkeypatch):
   trainer = train.Trainer(config, one_device_mesh())
   state, _ = ck.restore(4, trainer.abstract_state)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_init_weights_merged_into_fresh_tree(smoke, tmp_path):
+  """openpi-layout weights without the energy head: loaded params + freshly initialized head."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = train.resolve_paths(smoke["config"], smoke["workdir"])
+  trainer = train.Trainer(config, one_device_mesh())
+  fresh = flat(trainer.init_params(jax.random.key(config.seed)))
+  rng = np.random.default_rng(0)
+  weights = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in fresh.items()
+             if not k.startswith("energy/")}
+  stored = traverse_util.unflatten_dict(
+      {("params",) + tuple(k.split("/")) + ("value",): v for k, v in weights.items()})
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "params"), stored)
+  config.init.weights = str(tmp_path / "params")
+  state = train.Trainer(config, one_device_mesh()).new_state()
+  got = flat(state.params)
+  for k in fresh:
+    np.testing.assert_array_equal(got[k], fresh[k] if k.startswith("energy/") else weights[k],
+                                  err_msg=k)
+
+  # A mis-shaped parameter is an error naming it.
+  k0 = next(k for k in weights if weights[k].ndim == 2)
+  weights[k0] = np.zeros((3, 5), np.float32)
+  stored = traverse_util.unflatten_dict(
+      {("params",) + tuple(k.split("/")) + ("value",): v for k, v in weights.items()})
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "bad"), stored)
+  config.init.weights = str(tmp_path / "bad")
+  with pytest.raises(ValueError, match=f"shape mismatch for param {k0}"):
+    train.Trainer(config, one_device_mesh()).new_state()
+
+
+def test_preemption_saves_and_returns(smoke, tmp_path, monkeypatch):
+  """A preemption notice at step 25: checkpoint there, clean return, the rerun resumes at 26."""
+  config = smoke_config()
+  monkeypatch.setattr(checkpoint.Checkpointer, "reached_preemption", lambda self, step: step == 25)
+  state = train.run(config, str(tmp_path), one_device_mesh())
+  assert int(state.step) == 25
+  ck = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"), save_every=20)
+  assert ck.all_steps() == [20, 25]
+  monkeypatch.setattr(checkpoint.Checkpointer, "reached_preemption", lambda self, step: False)
+  state = train.run(config, str(tmp_path), one_device_mesh())
+  ref, got = flat(smoke["state"].params), flat(state.params)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_profile_trace_written(smoke, tmp_path):
+  config = smoke_config(num_train_steps=8, eval_every=100, save_every=100)
+  config.data.dataset_dir = os.path.join(smoke["workdir"], "data")
+  config.data.synthetic = False
+  config.data.source_dir = ""
+  config.profile.enabled = True
+  config.profile.first_step = 3
+  config.profile.num_steps = 2
+  train.run(config, str(tmp_path), one_device_mesh())
+  assert glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*.xplane.pb"))

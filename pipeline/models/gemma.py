@@ -12,7 +12,6 @@ layers).
 """
 
 import dataclasses
-import math
 from typing import Optional, Sequence
 
 import jax

@@ -79,12 +79,12 @@ def _stored_layout(path: epath.Path):
     key = stored[1 if drop_first else 0:]
     if drop_value:
       key = key[:-1]
-    layout[_SEP.join(map(str, key))] = (stored, tuple(meta.shape), np.dtype(meta.dtype))
+    layout[_SEP.join(map(str, key))] = (stored, tuple(meta.shape),
+                                        np.dtype(meta.dtype))
   return layout
 
 
-def checkpoint_param_shapes(path) -> Dict[str, Tuple[Tuple[int, ...],
-                                                      np.dtype]]:
+def checkpoint_param_shapes(path) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
   """'/'-joined parameter path -> (shape, stored dtype), reading metadata."""
   layout = _stored_layout(_resolve_dir(path))
   return {k: (shape, dtype) for k, (_, shape, dtype) in layout.items()}

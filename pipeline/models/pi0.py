@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pipeline.models import energy as energy_lib
 from pipeline.models import gemma
 from pipeline.models import siglip
 
@@ -118,6 +119,14 @@ def posemb_sincos(pos: jax.Array, embedding_dim: int, min_period: float,
   return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], axis=-1)
 
 
+def _variant(get_config, key: str, config: Pi0Config):
+  """Looks up a variant, naming the config key on failure."""
+  try:
+    return get_config(getattr(config, key))
+  except ValueError as e:
+    raise ValueError(f'config.model.{key}: {e}') from None
+
+
 class Pi0(nnx.Module):
   """Pi0 with an optional energy head (see module docstring)."""
 
@@ -130,13 +139,14 @@ class Pi0(nnx.Module):
     self.action_horizon = config.action_horizon
     self.max_token_len = config.max_token_len
     self.vocab_size = config.vocab_size
-    pg_cfg = gemma.get_config(config.paligemma_variant)
-    ae_cfg = gemma.get_config(config.action_expert_variant)
+    pg_cfg = _variant(gemma.get_config, 'paligemma_variant', config)
+    ae_cfg = _variant(gemma.get_config, 'action_expert_variant', config)
+    vision_cfg = _variant(siglip.get_config, 'vision_variant', config)
     self.prefix_width = pg_cfg.width
     self.expert_width = ae_cfg.width
     llm = gemma.Gemma([pg_cfg, ae_cfg], vocab_size=config.vocab_size,
                       dtype=self.dtype, remat=config.remat, rngs=rngs)
-    img = siglip.SigLIP(siglip.get_config(config.vision_variant),
+    img = siglip.SigLIP(vision_cfg,
                         image_size=config.image_size, out_dim=pg_cfg.width,
                         dtype=self.dtype, remat=config.remat, rngs=rngs)
     self.PaliGemma = nnx.Dict(llm=llm, img=img)
@@ -147,7 +157,6 @@ class Pi0(nnx.Module):
     self.action_time_mlp_out = nnx.Linear(w, w, rngs=rngs)
     self.action_out_proj = nnx.Linear(w, config.action_dim, rngs=rngs)
     if config.energy_head:
-      from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
       self.energy = energy_lib.EnergyModel(
           pg_cfg.width, config.energy_act_dim, hidden=config.energy_hidden,
           heads=config.energy_heads, num_layers=config.energy_layers,
@@ -364,7 +373,6 @@ class Pi0(nnx.Module):
     dropout_rng = rng if (train and cfg.energy_dropout > 0) else None
     energies = self.energy.pairwise(context, context_mask, act,
                                     rngs=dropout_rng)
-    from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
     loss, stats = energy_lib.infonce(energies, cfg.energy_tau)
     metrics = {
         'energy_loss': loss,
@@ -474,7 +482,6 @@ class Pi0(nnx.Module):
       if self.energy is None:
         raise ValueError('refine_steps > 0 needs the energy head '
                          '(config.model.energy_head = True).')
-      from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
       x_0 = energy_lib.refine(self.energy, prefix_out, prefix_mask, x_0,
                               steps=refine_steps, step_size=refine_step_size,
                               max_step=refine_max_step)

@@ -27,8 +27,14 @@ def _make_model(seed=0, **kwargs):
   )
 
 
-def _jitted(model):
-  """jit-compiled __call__ / pairwise over (state, inputs)."""
+@pytest.fixture(scope="module")
+def model():
+  return _make_model()
+
+
+@pytest.fixture(scope="module")
+def fns(model):
+  """(state, jitted __call__, jitted pairwise), each taking state first."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -40,16 +46,6 @@ def _jitted(model):
     return nnx.merge(graphdef, state).pairwise(context, mask, actions)
 
   return state, call, pairwise
-
-
-@pytest.fixture(scope="module")
-def model():
-  return _make_model()
-
-
-@pytest.fixture(scope="module")
-def fns(model):
-  return _jitted(model)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,18 @@ VOCAB = 40
 def _perturbed_model(seed=0):
   """Tiny two-expert Gemma with every parameter randomised (incl. norms)."""
   cfgs = [gemma.get_config('tiny'), gemma.get_config('tiny_small')]
-  model = gemma.Gemma(cfgs, vocab_size=VOCAB, dtype=jnp.float32, remat=False,
-                      rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state.to_pure_dict())
+  # eval_shape + numpy values: no compiled initialisers (fast on CPU).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: gemma.Gemma(
+      cfgs, vocab_size=VOCAB, dtype=jnp.float32, remat=False,
+      rngs=nnx.Rngs(seed))))
   rng = np.random.RandomState(seed)
-  leaves = [np.asarray(x) + 0.2 * rng.randn(*x.shape).astype(np.float32)
-            for x in leaves]
-  pure = jax.tree.unflatten(treedef, leaves)
-  state.replace_by_pure_dict(pure)
-  nnx.update(model, state)
+
+  def fill(x):
+    std = 1.0 / math.sqrt(x.shape[-2]) if x.ndim >= 2 else 0.3
+    return jnp.asarray(rng.randn(*x.shape) * std, jnp.float32)
+
+  model = nnx.merge(graphdef, jax.tree.map(fill, state))
+  pure = jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
   return model, pure
 
 
@@ -143,6 +145,19 @@ def test_embed_scales_by_sqrt_width(model_and_params):
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_real_init_statistics():
+  """The real initialisers: zero norm scales, lecun-scaled projections."""
+  model = gemma.Gemma([gemma.get_config('tiny'), gemma.get_config('tiny')],
+                      vocab_size=VOCAB, rngs=nnx.Rngs(0))
+  p = nnx.state(model, nnx.Param).to_pure_dict()
+  assert not np.asarray(p['layers']['pre_ffw_norm_1']['scale']).any()
+  assert not np.asarray(p['final_norm']['scale']).any()
+  q = np.asarray(p['layers']['attn']['q_einsum']['w'])  # fan-in = width 32
+  assert 0.5 / math.sqrt(32) < q.std() < 1.5 / math.sqrt(32)
+  emb = np.asarray(p['embedder']['input_embedding'])
+  assert 0.005 < emb.std() < 0.02
+
+
 def test_two_expert_forward_matches_numpy(model_and_params):
   model, p = model_and_params
   rng = np.random.RandomState(3)
@@ -189,8 +204,8 @@ def test_kv_cache_equals_joint_pass(model_and_params):
 
 
 def test_scanned_param_layout():
-  model = gemma.Gemma([gemma.get_config('dummy')] * 2, vocab_size=11,
-                      dtype=jnp.float32, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: gemma.Gemma(
+      [gemma.get_config('dummy')] * 2, vocab_size=11, rngs=nnx.Rngs(0)))
   flat = {'/'.join(str(k.key) for k in path): v.shape for path, v in
           jax.tree_util.tree_flatten_with_path(
               nnx.state(model, nnx.Param).to_pure_dict())[0]}

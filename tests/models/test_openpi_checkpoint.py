@@ -1,4 +1,4 @@
-"""openpi params checkpoint reader on a checkpoint written in openpi's layout."""
+"""openpi params reader on a checkpoint written in openpi's on-disk layout."""
 
 import jax
 import jax.numpy as jnp

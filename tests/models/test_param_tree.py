@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -126,3 +127,32 @@ def test_dummy_tree_matches_openpi():
                           action_expert_variant='dummy', energy_head=False))
   want = _reference('openpi_params_pi0_dummy.json')
   assert got == want, _diff(got, want)
+
+
+def test_full_size_train_loss_traces():
+  """Shapes only: the full model's train loss and prefix encoding trace."""
+  model = nnx.eval_shape(lambda: build_model(FULL, nnx.Rngs(0)))
+  b = 2
+  sds = jax.ShapeDtypeStruct
+  keys = ('base_0_rgb', 'left_wrist_0_rgb', 'right_wrist_0_rgb')
+  obs = {
+      'image': {k: sds((b, 224, 224, 3), jnp.float32) for k in keys},
+      'image_mask': {k: sds((b,), jnp.bool_) for k in keys},
+      'state': sds((b, 32), jnp.float32),
+      'tokenized_prompt': sds((b, 48), jnp.int32),
+      'tokenized_prompt_mask': sds((b, 48), jnp.bool_),
+  }
+  actions = sds((b, 50, 32), jnp.float32)
+
+  def run(model, obs, actions):
+    loss, metrics = model.compute_train_loss(jax.random.key(0), obs, actions)
+    prefix, mask = model.encode_prefix(obs)
+    return loss, metrics, prefix, mask
+
+  loss, metrics, prefix, mask = nnx.eval_shape(run, model, obs, actions)
+  assert loss.shape == () and loss.dtype == jnp.float32
+  assert set(metrics) == {'flow_loss', 'energy_loss', 'E_pos', 'E_neg',
+                          'energy_accuracy'}
+  # 3 x 256 image tokens + 48 prompt tokens (openpi: 816).
+  assert prefix.shape == (b, 816, 2048) and prefix.dtype == jnp.bfloat16
+  assert mask.shape == (b, 816)

@@ -1,6 +1,5 @@
 """Pi0: masks, embeddings, flow-matching loss, cached sampling, loss modes."""
 
-import dataclasses
 import math
 
 import jax
@@ -44,9 +43,26 @@ def make_obs(seed=0, b=B):
   }
 
 
+def fast_build(cfg, seed=0):
+  """Tiny model with random parameters, skipping the compiled initialisers.
+
+  Initialising for real compiles one program per parameter shape; tests
+  only need some well-scaled random values (real init is tested elsewhere).
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(
+      cfg, nnx.Rngs(0))))
+  rng = np.random.RandomState(seed)
+
+  def fill(x):
+    std = 1.0 / math.sqrt(x.shape[-2]) if x.ndim >= 2 else 0.1
+    return jnp.asarray(rng.randn(*x.shape).astype(np.float32) * std, x.dtype)
+
+  return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
 @pytest.fixture(scope='module')
 def model():
-  return build_model(TINY, nnx.Rngs(0))
+  return fast_build(TINY)
 
 
 @pytest.fixture(scope='module')
@@ -226,12 +242,9 @@ def test_refine_moves_only_energy_dims(model, obs, sampling_noise,
 # -------------------------------------------------------------- loss modes
 
 
-def _grads(cfg_overrides, obs, actions, poison_expert=False):
-  m = build_model(dict(TINY, **cfg_overrides), nnx.Rngs(0))
-  if poison_expert:
-    # NaN action-expert weights: any use of the expert would poison the loss.
-    mlp = m.PaliGemma['llm'].layers.mlp_1
-    mlp.linear.value = jnp.full(mlp.linear.shape, jnp.nan)
+@pytest.fixture(scope='module')
+def monitor_run(model, obs, actions):
+  """Loss, metrics and gradients of one jitted monitor-mode train step."""
 
   @nnx.jit
   def step(m, rng, obs, actions):
@@ -240,15 +253,10 @@ def _grads(cfg_overrides, obs, actions, poison_expert=False):
     (loss, metrics), g = nnx.value_and_grad(f, has_aux=True)(m)
     return loss, metrics, g
 
-  loss, metrics, g = step(m, jax.random.key(0), obs, actions)
+  loss, metrics, g = step(model, jax.random.key(0), obs, actions)
   flat = {'/'.join(str(k.key) for k in path): np.asarray(v) for path, v in
           jax.tree_util.tree_flatten_with_path(g.to_pure_dict())[0]}
   return float(loss), {k: float(v) for k, v in metrics.items()}, flat
-
-
-@pytest.fixture(scope='module')
-def monitor_run(obs, actions):
-  return _grads({}, obs, actions)
 
 
 def _norm(flat, prefix):
@@ -269,32 +277,25 @@ def test_monitor_mode(monitor_run):
   assert _norm(g, 'action_out_proj/') > 0
 
 
-def test_joint_mode(monitor_run, obs, actions):
-  loss, metrics, g = _grads({'use_energy_loss': True}, obs, actions)
-  m_loss, m_metrics, m_g = monitor_run
-  assert metrics['flow_loss'] == pytest.approx(m_metrics['flow_loss'],
-                                               rel=1e-5)
-  assert loss == pytest.approx(
-      metrics['flow_loss'] + 0.1 * metrics['energy_loss'], rel=1e-5)
-  assert _norm(g, 'energy/') > 0
-  # The energy gradient reaches the prefix expert but not the action expert.
-  key = 'PaliGemma/llm/layers/mlp/linear'
-  assert np.abs(g[key] - m_g[key]).max() > 1e-7
-  key1 = 'action_out_proj/kernel'
-  np.testing.assert_allclose(g[key1], m_g[key1], rtol=1e-5, atol=1e-7)
+def _metric_keys(cfg_overrides, obs, actions):
+  """Metric names of compute_train_loss, by shape evaluation (no compile)."""
+  m = nnx.eval_shape(lambda: build_model(dict(TINY, **cfg_overrides),
+                                         nnx.Rngs(0)))
+  loss, metrics = nnx.eval_shape(
+      lambda m: m.compute_train_loss(jax.random.key(0), obs, actions), m)
+  assert loss.shape == () and all(v.shape == () for v in metrics.values())
+  return set(metrics)
 
 
-def test_energy_only_mode(obs, actions):
+def test_metric_keys_by_mode(obs, actions):
+  # Gradient routing per mode is covered by test_energy_modes.py.
+  energy = {'energy_loss', 'E_pos', 'E_neg', 'energy_accuracy'}
+  assert _metric_keys({'use_energy_loss': True}, obs, actions) == (
+      energy | {'flow_loss'})
   # train_only_energy_model wins over use_energy_loss.
-  loss, metrics, g = _grads({'train_only_energy_model': True,
-                             'use_energy_loss': True}, obs, actions,
-                            poison_expert=True)
-  assert 'flow_loss' not in metrics
-  assert set(metrics) == {'energy_loss', 'E_pos', 'E_neg', 'energy_accuracy'}
-  assert math.isfinite(loss) and loss == pytest.approx(metrics['energy_loss'])
-  assert _norm(g, 'energy/') > 0
-  others = [k for k in g if not k.startswith('energy/')]
-  assert all(not np.abs(g[k]).any() for k in others)
+  assert _metric_keys({'train_only_energy_model': True,
+                       'use_energy_loss': True}, obs, actions) == energy
+  assert _metric_keys({'energy_head': False}, obs, actions) == {'flow_loss'}
 
 
 # ------------------------------------------------------------- bad inputs
@@ -339,7 +340,7 @@ def test_long_prompt_is_truncated_with_warning(model, obs, caplog):
 
 def test_bfloat16_compute_keeps_f32_params(obs, actions):
   cfg = dict(TINY, dtype='bfloat16', energy_head=False)
-  m = build_model(cfg, nnx.Rngs(1))
+  m = fast_build(cfg, seed=1)
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   out, _ = nnx.eval_shape(lambda m: m.encode_prefix(obs), m)
