@@ -18,6 +18,7 @@ trainable params, clipped AdamW, EMA), jitted with the trainer's shardings on a 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -49,6 +50,8 @@ _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: 32 full, 8 
 _TIME_BATCH = flags.DEFINE_integer("time_batch", None, "energy: batch of the timed steps.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step).")
 _SAVES = flags.DEFINE_integer("saves", 5, "checkpoint: number of saves (median reported).")
+_EXTRA_MIB = flags.DEFINE_float("extra_mib", 0.0,
+                                "checkpoint: add a float32 array of this many MiB to the state.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
                                   "step: peak device TFLOP/s for the MFU (default: known TPU/GPU "
@@ -480,11 +483,13 @@ def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
 
 
 def bench_checkpoint(size: str = "mid", batch: int | None = None, saves: int = 5,
+                     extra_mib: float = 0.0,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
   """Time the loop is blocked by `Checkpointer.save` with async saving on vs off (same state).
 
   Between async saves the pending write is awaited outside the clock, as the loop does useful
-  work while it runs (saves are save_every steps apart).
+  work while it runs (saves are save_every steps apart). extra_mib > 0 adds one float32 array
+  of that size to the saved tree, to see how the ratio scales with the state size.
   """
   from pipeline import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from pipeline import optim  # pylint: disable=g-import-not-at-top
@@ -493,9 +498,13 @@ def bench_checkpoint(size: str = "mid", batch: int | None = None, saves: int = 5
   trainer = make_trainer(size, "joint", batch)
   trainer.init_rest(jax.random.key(0))
   state = _block(trainer.new_state())
+  if extra_mib > 0:
+    extra = jnp.ones((int(extra_mib * 2**20) // 4,), jnp.float32)
+    state = {"train_state": state, "extra": _block(extra)}
   nbytes = optim.state_bytes(state)
   result: dict[str, Any] = {"command": "checkpoint", "device": device_kind(), "size": size,
-                            "state_mib": nbytes / 2**20, "saves": saves}
+                            "state_mib": nbytes / 2**20, "extra_mib": extra_mib,
+                            "num_arrays": len(jax.tree.leaves(state)), "saves": saves}
   tmp = tempfile.mkdtemp(prefix="bench_ckpt_")
   try:
     for async_save in (True, False):
@@ -616,7 +625,8 @@ def format_table(result: dict[str, Any]) -> str:
                    f"decode-only {r['decode_samples_per_s']:.1f} samples/s, ratio "
                    f"{r['full_over_decode']:.2f}")
   elif cmd == "checkpoint":
-    lines.append(f"state {result['state_mib']:.1f} MiB, median of {result['saves']} saves")
+    lines.append(f"state {result['state_mib']:.1f} MiB in {result['num_arrays']} arrays, median "
+                 f"of {result['saves']} saves")
     for name in ("async", "sync"):
       lines.append(f"  {name:<5} loop blocked {result[name]['blocked_s'] * 1e3:.1f} ms, save "
                    f"done after {result[name]['total_s'] * 1e3:.1f} ms")
@@ -663,11 +673,17 @@ def main(argv: Sequence[str]) -> None:
                   source_image_size=_SOURCE_IMAGE_SIZE.value, augment=_AUGMENT.value,
                   tokenizer_path=_TOKENIZER.value, log=log)
   elif command == "checkpoint":
-    kwargs = dict(size=_SIZE.value or "mid", batch=_BATCH.value, saves=_SAVES.value, log=log)
+    kwargs = dict(size=_SIZE.value or "mid", batch=_BATCH.value, saves=_SAVES.value,
+                  extra_mib=_EXTRA_MIB.value, log=log)
   else:
     kwargs = dict(size=_SIZE.value or "mid", batch=_BATCH.value, steps=_STEPS.value,
                   peak=_PEAK_TFLOPS.value, log=log)
-  result = run(command, **kwargs)
+  if _JSON.value:
+    # Library code prints progress (e.g. loader.bench_loader); keep stdout one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+      result = run(command, **kwargs)
+  else:
+    result = run(command, **kwargs)
   if _JSON.value:
     print(json.dumps(result))
   else:

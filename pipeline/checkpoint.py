@@ -103,7 +103,8 @@ def check_weights(ckpt_shapes: dict[str, tuple[int, ...]], target: Any, missing_
   missing = sorted(set(want) - set(ckpt_shapes))
   allowed = [k for k in missing if missing_ok_re is not None and missing_ok_re.fullmatch(k)]
   problems = [f"missing param {k} {want[k]}" for k in missing if k not in allowed]
-  problems += [f"unexpected param {k} {ckpt_shapes[k]}" for k in sorted(set(ckpt_shapes) - set(want))]
+  problems += [f"unexpected param {k} {ckpt_shapes[k]}"
+               for k in sorted(set(ckpt_shapes) - set(want))]
   problems += [f"shape mismatch for param {k}: {source} {ckpt_shapes[k]} vs model {want[k]}"
                for k in sorted(set(want) & set(ckpt_shapes)) if ckpt_shapes[k] != want[k]]
   if problems:
@@ -111,7 +112,8 @@ def check_weights(ckpt_shapes: dict[str, tuple[int, ...]], target: Any, missing_
   return allowed
 
 
-def load_weights(path: str, target: Any, *, missing_ok: str = r"energy/.*") -> tuple[dict, list[str]]:
+def load_weights(path: str, target: Any, *,
+                 missing_ok: str = r"energy/.*") -> tuple[dict, list[str]]:
   """Loads an openpi params checkpoint (local or gs://) straight into target shardings.
 
   `target` is the model's pure-dict tree of jax.ShapeDtypeStruct carrying `.sharding`. Returns the

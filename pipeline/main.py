@@ -32,7 +32,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "auto: initialize when a coordinator is given or a multi-host TPU is detected; on: always "
     "(JAX detects the cluster); off: never.")
 _VERBOSE_CHECKPOINTS = flags.DEFINE_bool(
-    "verbose_checkpoints", False, "Keep Orbax's INFO logs (one line per checkpoint step otherwise).")
+    "verbose_checkpoints", False,
+    "Keep Orbax's INFO logs (otherwise one line per checkpoint step).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -71,7 +72,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     # ml_collections raises AttributeError('<key>') for a key the locked config lacks.
     key = str(e).strip("'\"")
     overrides = [a for a in argv if a.startswith("--config.") and key in a]
-    raise SystemExit(f"FATAL: unknown config key {key!r} in {' '.join(overrides) or argv}; the "
+    if not overrides:  # some other AttributeError, e.g. inside a config file
+      raise
+    raise SystemExit(f"FATAL: unknown config key {key!r} in {' '.join(overrides)}; the "
                      "config is locked, see configs/common.py for its fields") from e
 
 

@@ -386,8 +386,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
     writer.write_hparams(_hparams(config))
   start = int(jax.device_get(state.step))
   num_steps = config.num_train_steps
-  logging.info("training steps %d..%d (batch %d on mesh %s)", start + 1, num_steps,
-               config.batch_size, dict(mesh.shape))
+  if start >= num_steps:
+    logging.info("checkpoint is at step %d >= config.num_train_steps=%d: nothing to train",
+                 start, num_steps)
+  else:
+    logging.info("training steps %d..%d (batch %d on mesh %s)", start + 1, num_steps,
+                 config.batch_size, dict(mesh.shape))
 
   hooks = metrics_lib.make_periodic_actions(config, workdir, writer, num_steps)
   acc = metrics_lib.MeanAccumulator()
@@ -432,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
     settle()
     logging.info("training done at step %d (%.1f s)", max(start, num_steps), time.time() - t0)
   finally:
-    writer.flush()
+    writer.close()  # flushes the asynchronous writer
     ckpt.wait_until_finished()
     ckpt.close()
     _close(train_iter)

@@ -132,7 +132,8 @@ def test_load_weights_into_shardings(tmp_path, openpi_checkpoint_module):
   assert missing == ["energy/out/bias", "energy/out/kernel"] and "energy" not in loaded
   k = loaded["backbone"]["layers"][1]["kernel"]
   assert k.sharding.spec == P("fsdp", None)
-  np.testing.assert_array_equal(np.asarray(k), np.asarray(params["backbone"]["layers"][1]["kernel"]))
+  np.testing.assert_array_equal(np.asarray(k),
+                                np.asarray(params["backbone"]["layers"][1]["kernel"]))
 
   bad = jax.tree.map(np.asarray, source)
   bad["backbone"]["layers"][1]["kernel"] = np.zeros((64, 32), np.float32)

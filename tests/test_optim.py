@@ -57,12 +57,14 @@ def test_warmup_cosine_matches_openpi_formula():
     init = c.peak_lr / (c.warmup_steps + 1)
     if step < c.warmup_steps:
       return init + (c.peak_lr - init) * step / c.warmup_steps
-    t = min(step - c.warmup_steps, c.decay_steps - c.warmup_steps) / (c.decay_steps - c.warmup_steps)
+    span = c.decay_steps - c.warmup_steps
+    t = min(step - c.warmup_steps, span) / span
     return c.end_lr + (c.peak_lr - c.end_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
   for step in [0, 1, 500, 999, 1000, 1001, 15000, 29999, 30000, 40000]:
     np.testing.assert_allclose(float(sched(step)), ref(step), rtol=1e-5, atol=1e-12)
-  assert float(optim.make_schedule(_cfg(schedule="constant", peak_lr=0.3))(123)) == pytest.approx(0.3)
+  constant = optim.make_schedule(_cfg(schedule="constant", peak_lr=0.3))
+  assert float(constant(123)) == pytest.approx(0.3)
   with pytest.raises(ValueError, match="config.optim.schedule='linear'"):
     optim.make_schedule(_cfg(schedule="linear"))
 
@@ -98,7 +100,8 @@ def test_adamw_clip_matches_numpy_and_frozen_has_no_state():
       m[k] = c.b1 * m[k] + (1 - c.b1) * g
       v[k] = c.b2 * v[k] + (1 - c.b2) * g * g
       mhat, vhat = m[k] / (1 - c.b1**t), v[k] / (1 - c.b2**t)
-      flat_p[k] = flat_p[k] - c.peak_lr * (mhat / (np.sqrt(vhat) + c.eps) + c.weight_decay * flat_p[k])
+      step = mhat / (np.sqrt(vhat) + c.eps) + c.weight_decay * flat_p[k]
+      flat_p[k] = flat_p[k] - c.peak_lr * step
   got = {"/".join(map(str, k)): np.asarray(v)
          for k, v in traverse_util.flatten_dict(params).items()}
   for k in flat_p:

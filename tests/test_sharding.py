@@ -70,7 +70,8 @@ def test_rules_first_match_wins_fullmatch():
   assert specs["llm"]["w"] == P(None, "fsdp")
   # fullmatch: 'llm' alone does not match 'llm/w'.
   with pytest.raises(ValueError, match="no sharding rule matches param llm/w"):
-    sharding.param_specs(params, m, [("llm", "fsdp"), ("img/.*", "fsdp"), ("llm/kernel", "fsdp")], 0)
+    sharding.param_specs(params, m, [("llm", "fsdp"), ("img/.*", "fsdp"),
+                                     ("llm/kernel", "fsdp")], 0)
 
 
 def test_explicit_rule_errors_name_param():

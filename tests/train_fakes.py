@@ -1,4 +1,4 @@
-"""A small nnx model with the Pi0 training interface, for optimizer / sharding / checkpoint tests."""
+"""A small nnx model with the Pi0 training interface, for optimizer / checkpoint tests."""
 import jax
 import jax.numpy as jnp
 import ml_collections
