@@ -7,8 +7,9 @@ the strides are disjoint and together cover the global order. The example's posi
 order seeds its augmentation, so an example is augmented the same way whatever the process count,
 worker count or resume point, and differently in each epoch.
 
-Eval: records of the held-out episodes, in order, once (optionally repeated), no augmentation; the
-split is truncated to whole global batches so every process yields the same number of batches.
+Eval: records of the held-out episodes in one fixed shuffled order (so a batch mixes episodes), once
+(optionally repeated), no augmentation; the split is truncated to whole global batches so every
+process yields the same number of batches.
 
 The iterator of the returned dataset checkpoints with Orbax:
   ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(it)) /
@@ -249,6 +250,9 @@ def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int
   rows = split_episodes(info, _cfg(config, "eval_fraction"), _cfg(config, "split_seed"))[split]
   indices = info.record_indices(rows)
   if split == "eval":
+    # A fixed shuffle mixes episodes within each batch: in-batch retrieval over consecutive frames
+    # of one episode would measure nothing. Fixed, so every evaluation sees the same batches.
+    indices = indices[np.random.default_rng(_cfg(config, "split_seed")).permutation(len(indices))]
     # Whole global batches only, so that every process yields the same number of batches.
     usable = len(indices) // (per_process * process_count) * per_process * process_count
     if usable == 0:
@@ -284,8 +288,8 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, process_index
     config: uses config.data.* (see default_data_config), config.model.{image_size, action_dim,
       action_horizon, max_token_len, vocab_size (optional: checked against the tokenizer)} and
       config.batch_size (global).
-    split: 'train' (shuffled, infinite, augmented when config.data.augment) or 'eval' (in order,
-      once unless config.data.eval_repeat, never augmented).
+    split: 'train' (shuffled, infinite, augmented when config.data.augment) or 'eval' (one fixed
+      shuffle, once unless config.data.eval_repeat, never augmented).
     process_index: this process's index; pass jax.process_index() computed after
       jax.distributed.initialize.
     process_count: number of processes (jax.process_count()).

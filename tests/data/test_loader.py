@@ -230,7 +230,7 @@ def test_processes_read_disjoint_strides_of_global_order(dataset_dir, record_of)
   np.testing.assert_array_equal(img0, img_all[0::2])
 
 
-def test_split_by_episode_disjoint_and_eval_in_order(dataset_dir, record_of):
+def test_split_by_episode_disjoint_and_eval_fixed_shuffle(dataset_dir, record_of):
   config = _config(dataset_dir)
   info = loader.DatasetInfo(dataset_dir)
   split = loader.split_episodes(info, 0.25, 0)
@@ -244,7 +244,10 @@ def test_split_by_episode_disjoint_and_eval_in_order(dataset_dir, record_of):
   eval_ids = info.record_indices(split["eval"]).tolist()
   batches = list(loader.make_dataset(config, split="eval"))
   got = _ids(record_of, batches)
-  assert got == eval_ids[:len(eval_ids) // 4 * 4]  # in order, once, whole batches only
+  # One fixed permutation of the held-out records (same on every call), once, whole batches only.
+  assert len(got) == len(eval_ids) // 4 * 4 and set(got) <= set(eval_ids) and len(set(got)) == len(got)
+  assert got != eval_ids[:len(got)]  # batches mix episodes instead of consecutive frames
+  assert _ids(record_of, list(loader.make_dataset(config, split="eval"))) == got
   # No augmentation in eval (config.data.augment is True): images equal the plain transform.
   plain = loader.make_frame_transform(config, augment=False, info=info)
   src = grain.sources.ArrayRecordDataSource(info.shard_paths)
