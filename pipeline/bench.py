@@ -271,13 +271,27 @@ def compile_train_step(trainer) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
+# (size, mode, batch) -> (trainer, compiled step): one compile per step shape and process, shared
+# by the commands (the energy and step benches compile the same joint / energy-only steps).
+_COMPILED: dict[tuple[str, str, int], tuple[Any, Any, float]] = {}
+
+
+def compiled_step(size: str, mode: str, batch: int) -> tuple[Any, Any, float]:
+  """(trainer, compiled train step, compile seconds), compiled once per process."""
+  key = (size, mode, batch)
+  if key not in _COMPILED:
+    trainer = make_trainer(size, mode, batch)
+    compiled, seconds = compile_train_step(trainer)
+    _COMPILED[key] = (trainer, compiled, seconds)
+  return _COMPILED[key]
+
+
 def step_costs(size: str, batch: int, modes: Sequence[str] = MODES,
                log: Callable[[str], None] = print) -> tuple[dict[str, dict], dict[str, Any]]:
   """Compiled cost of each mode's train step; also returns {mode: (trainer, compiled)}."""
   out, compiled_steps = {}, {}
   for mode in modes:
-    trainer = make_trainer(size, mode, batch)
-    compiled, seconds = compile_train_step(trainer)
+    trainer, compiled, seconds = compiled_step(size, mode, batch)
     out[mode] = compiled_cost(compiled)
     out[mode]["compile_s"] = seconds
     compiled_steps[mode] = (trainer, compiled)
@@ -392,7 +406,7 @@ def bench_energy(size: str = "full", batch: int | None = None, time_size: str | 
   batch = batch or default_batch(size)
   result: dict[str, Any] = {"command": "energy", "device": device_kind(), "size": size,
                             "batch": batch}
-  costs, compiled_steps = step_costs(size, batch, log=log)
+  costs, _ = step_costs(size, batch, log=log)
   a, b, c, d = (costs[k]["flops"] for k in MODES)
   result["steps"] = costs
   result["overhead"] = _ratio(b - a, a)
@@ -418,11 +432,7 @@ def bench_energy(size: str = "full", batch: int | None = None, time_size: str | 
   }
   if time_size:
     time_batch = time_batch or default_batch(time_size)
-    reuse = (time_size, time_batch) == (size, batch)
-    if not reuse:
-      compiled_steps.clear()  # frees the executables before the timed models are built
-    runs = {mode: (compiled_steps[mode] if reuse else
-                   (make_trainer(time_size, mode, time_batch), None))
+    runs = {mode: compiled_step(time_size, mode, time_batch)[:2]
             for mode in ("no_head", "joint", "naive")}
     timed = time_train_steps(runs, steps)
     for mode, t in timed.items():
@@ -499,7 +509,8 @@ def bench_checkpoint(size: str = "mid", batch: int | None = None, saves: int = 5
   trainer.init_rest(jax.random.key(0))
   state = _block(trainer.new_state())
   if extra_mib > 0:
-    extra = jnp.ones((int(extra_mib * 2**20) // 4,), jnp.float32)
+    # Random values: Orbax compresses, so a constant array would cost almost nothing to write.
+    extra = jax.random.normal(jax.random.key(1), (int(extra_mib * 2**20) // 4,), jnp.float32)
     state = {"train_state": state, "extra": _block(extra)}
   nbytes = optim.state_bytes(state)
   result: dict[str, Any] = {"command": "checkpoint", "device": device_kind(), "size": size,
@@ -556,11 +567,9 @@ def bench_step(size: str = "mid", batch: int | None = None, steps: int = 3,
   result: dict[str, Any] = {"command": "step", "device": device_kind(), "size": size,
                             "batch": batch, "peak_tflops": peak}
   for mode in ("joint", "energy_only"):
-    trainer = make_trainer(size, mode, batch)
-    compiled, _ = compile_train_step(trainer)
+    trainer, compiled, _ = compiled_step(size, mode, batch)
     flops = compiled_cost(compiled)["flops"]
     timed = time_train_steps({mode: (trainer, compiled)}, steps)[mode]
-    del compiled
     m = trainer.config.model
     # Tokens through the LLM per example: prefix, plus the suffix (state + actions) when the
     # action expert runs.

@@ -3,21 +3,60 @@
 One checkpoint step holds the composite
   state      train state (StandardSave; restored into target shardings from an abstract tree),
   data_iter  the Grain iterator position, one JSON per process,
-  config     the run's config as JSON, and norm_stats (the dataset's normalization) as JSON.
-Saves are async; `wait_until_finished` must run before the process exits.
+  config     the run's config as JSON, and norm_stats (the dataset's normalization) as JSON,
+  topology   process count, mesh, batch and worker counts of the run that saved it (JSON),
+  metrics    per-step train metrics not yet logged at that step (JSON), so that a resumed run
+             logs the same means as an uninterrupted one.
+Saves are async; `wait_until_finished` must run before the process exits. Orbax writes a step into
+`<step>.orbax-checkpoint-tmp*` and renames it when complete, so a process killed mid-save leaves
+no step that looks complete (and the tmp dir is removed by the next run).
+
+Preemption: in multi-process runs JAX's preemption service catches SIGTERM and
+`reached_preemption` turns true at a step all processes agree on. A single process has no
+distributed client, so `sigterm_as_preemption` installs a SIGTERM handler that raises the same
+notice there.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import threading
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 from flax import traverse_util
+
+# Test hook: the process SIGKILLs itself right after the async save of this step has started,
+# before Orbax commits it (tests/test_multihost.py).
+KILL_DURING_SAVE_ENV = "PI0E_TEST_SIGKILL_DURING_SAVE"
+
+_SIGTERM = threading.Event()
+
+
+@contextlib.contextmanager
+def sigterm_as_preemption():
+  """Within: SIGTERM to a single-process run makes `reached_preemption` true at the next step.
+
+  Multi-process runs keep JAX's own SIGTERM handler (a Python handler would replace it, and a flag
+  seen by one process only would let the processes disagree on the step).
+  """
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _SIGTERM.clear()
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 class Checkpointer:
@@ -55,21 +94,42 @@ class Checkpointer:
     return self.mngr.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
-    return self.mngr.reached_preemption(step)
+    """True at the step where all processes stop after a preemption notice; call every step."""
+    if self.mngr.reached_preemption(step):
+      return True
+    return jax.process_count() == 1 and _SIGTERM.is_set()
 
   def save(self, step: int, state: Any, data_iter: Any = None, *, config: dict | None = None,
-           norm_stats: dict | None = None, force: bool = False) -> bool:
+           norm_stats: dict | None = None, topology: dict | None = None,
+           metrics: dict | None = None, force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    if config is not None:
-      items["config"] = ocp.args.JsonSave(config)
-    if norm_stats is not None:
-      items["norm_stats"] = ocp.args.JsonSave(norm_stats)
+    for name, value in (("config", config), ("norm_stats", norm_stats), ("topology", topology),
+                        ("metrics", metrics)):
+      if value is not None:
+        items[name] = ocp.args.JsonSave(value)
     saved = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
+      if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+        logging.warning("test hook %s=%d: SIGKILL during the save", KILL_DURING_SAVE_ENV, step)
+        os.kill(os.getpid(), signal.SIGKILL)
     return saved
+
+  def step_path(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def restore_json(self, step: int, name: str) -> Any:
+    """A JSON item of a step, or None when that checkpoint has no such item."""
+    if not (self.step_path(step) / name).exists():
+      return None
+    return self.mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+  def saved_data_iter_states(self, step: int) -> dict[str, Any]:
+    """{file name: state} of every process's Grain iterator state in a step."""
+    directory = self.step_path(step) / "data_iter"
+    return {p.name: json.loads(p.read_text()) for p in sorted(directory.glob("process_*.json"))}
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> tuple[Any, Any]:
     """State arrays come back in the shardings carried by `abstract_state`'s leaves."""
@@ -84,6 +144,41 @@ class Checkpointer:
 
   def close(self) -> None:
     self.mngr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology recorded in each checkpoint and compared on restore.
+
+# A change of these makes the saved data-iterator position meaningless for the new run: it counts
+# per-process batches (batch size), per-worker positions (workers) or filtered records (skipping).
+DATA_LAYOUT_KEYS = ("batch_size", "data_workers", "skip_bad_records")
+
+
+def topology(config, mesh) -> dict[str, Any]:
+  """What a checkpoint records about the run that saved it."""
+  return {"process_count": jax.process_count(), "device_count": int(mesh.devices.size),
+          "mesh": {str(k): int(v) for k, v in mesh.shape.items()},
+          "batch_size": int(config.batch_size),
+          "per_process_batch": int(config.batch_size) // jax.process_count(),
+          "data_workers": int(config.data.get("num_workers", 0)),
+          "skip_bad_records": bool(config.data.get("skip_bad_records", False))}
+
+
+def describe_topology(t: dict[str, Any]) -> str:
+  return (f"{t['process_count']} process(es), {t['device_count']} devices, mesh {t['mesh']}, "
+          f"config.batch_size={t['batch_size']}, config.data.num_workers={t['data_workers']}, "
+          f"config.data.skip_bad_records={t['skip_bad_records']}")
+
+
+def check_data_layout(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+  """Raises when the saved data-iterator position cannot continue the stream in this run."""
+  changed = [k for k in DATA_LAYOUT_KEYS if saved.get(k) != current[k]]
+  if changed:
+    raise ValueError(
+        f"checkpoint {where} was saved by a run with {describe_topology(saved)}; this run has "
+        f"{describe_topology(current)}. The model state would restore into the new mesh, but the "
+        f"data-iterator position cannot be carried over when {', '.join(changed)} changes. "
+        "Rerun with the saved values, or train in a new workdir.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ Multi-process runs call jax.distributed.initialize() first: from --coordinator_a
 --num_processes / --process_id, or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment, or (TPU pod slices, Slurm, ...) JAX's own cluster detection when
 --distributed=auto. Rerunning the same command resumes from workdir/checkpoints.
+
+Exit status: 0 when training finished or stopped after a preemption notice (SIGTERM to any
+process: a checkpoint is saved at a step all processes agree on); 1 with a `FATAL: ...` line on
+an error (bad config, topology, data, non-finite training).
 """
 from __future__ import annotations
 
@@ -96,13 +100,18 @@ def main(argv):
   if "://" not in workdir:  # gs:// and other remote paths are used as given
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.fsdp)
-  logging.info("process %d/%d; local devices %d, global devices %d (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
-  logging.info("mesh %s", dict(mesh.shape))
-  logging.info("config:\n%s", config)
-  train.run(config, workdir, mesh)
+  try:
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    logging.info("process %d/%d; local devices %d, global devices %d (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    logging.info("mesh %s", dict(mesh.shape))
+    logging.info("config:\n%s", config)
+    train.run(config, workdir, mesh)
+  except Exception as e:  # pylint: disable=broad-except
+    # The traceback goes to the log; the last line says what went wrong.
+    logging.exception("training failed")
+    raise SystemExit(f"FATAL: {type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@
   2. builds the model abstractly (nnx.eval_shape), derives parameter / train-state shardings;
   3. restores the latest checkpoint (train state + data iterator) if there is one, else
      initializes the params sharded (jax.jit with out_shardings) and merges initial weights;
-  4. runs one jitted, donated train step per batch; logs, evaluates, saves periodically;
-  5. on a preemption notice saves, waits and returns; at the end waits for pending saves.
+     a checkpoint records the topology that saved it, and a restore into another mesh or process
+     count reshards the state (see `restore_checkpoint`);
+  4. runs one jitted, donated train step per batch; logs (TensorBoard, and metrics.jsonl on
+     process 0), evaluates, saves periodically;
+  5. on a preemption notice (SIGTERM to any process) saves at the step all processes agree on,
+     waits for the writes and returns; at the end waits for pending saves. Rerunning resumes with
+     the same data order, RNG and logged metrics as a run that was never interrupted.
 
 Params live in the train state as one pure nested dict (nnx.State.to_pure_dict()). The step splits
 it into trainable / frozen parts by the config's regexes and differentiates the trainable part only.
@@ -14,6 +19,7 @@ it into trainable / frozen parts by the config's regexes and differentiates the 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import time
@@ -26,7 +32,9 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from clu import metric_writers
 from jax.sharding import PartitionSpec as P
 
 from pipeline import checkpoint as checkpoint_lib
@@ -359,32 +367,186 @@ def _hparams(config) -> dict[str, Any]:
   return {k: v for k, v in flat.items() if isinstance(v, (bool, int, float, str))}
 
 
+METRICS_JSONL = "metrics.jsonl"
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Scalars as one JSON line per write ({"step": s, name: value, ...}) in workdir/metrics.jsonl.
+
+  A machine-readable log next to the TensorBoard events; lines are flushed as written, so a killed
+  run leaves whole lines (a torn last line is dropped by `truncate`).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = open(path, "a")
+
+  @staticmethod
+  def truncate(path: str, last_step: int) -> None:
+    """Drops lines after `last_step`: a resumed run rewrites them, each step stays logged once."""
+    if not os.path.exists(path):
+      return
+    keep = []
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if row.get("step", 0) <= last_step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+  def write_scalars(self, step, scalars):
+    row = {"step": int(step)}
+    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def make_writer(workdir: str, start_step: int) -> metric_writers.MetricWriter:
+  """clu default writer (TensorBoard on process 0, log lines) + metrics.jsonl on process 0."""
+  writer = metrics_lib.create_writer(workdir)
+  if jax.process_index() != 0:
+    return writer
+  path = os.path.join(workdir, METRICS_JSONL)
+  JsonlWriter.truncate(path, start_step)
+  return metric_writers.MultiWriter([writer, JsonlWriter(path)])
+
+
+def _metrics_to_json(steps: list[Mapping[str, Any]]) -> dict[str, Any]:
+  # Values with their dtypes: the restored means are then bitwise those of an uninterrupted run.
+  fetched = jax.device_get(steps)
+  return {"steps": [{k: [np.asarray(v).item(), str(np.asarray(v).dtype)] for k, v in m.items()}
+                    for m in fetched]}
+
+
+def _metrics_from_json(saved: Mapping[str, Any] | None) -> list[dict[str, np.ndarray]]:
+  if not saved:
+    return []
+  return [{k: np.asarray(v, dtype=dt) for k, (v, dt) in m.items()} for m in saved["steps"]]
+
+
+def restore_checkpoint(ckpt: checkpoint_lib.Checkpointer, step: int, trainer: Trainer,
+                       train_iter: Any, topology: dict[str, Any]):
+  """(state, train iterator, unlogged step metrics) from a checkpoint step.
+
+  The model state always restores into this run's mesh. The data iterator continues where it
+  stopped when the data layout is unchanged; after a change of process count each process takes
+  the shared position (every saved process consumed the same number of batches, and the global
+  order is split by stride, so the same global examples come next); any other change of the data
+  layout is an error.
+  """
+  where = str(ckpt.step_path(step))
+  saved = ckpt.restore_json(step, "topology")
+  metrics = _metrics_from_json(ckpt.restore_json(step, "metrics"))
+  if saved is None or saved["process_count"] == topology["process_count"]:
+    if saved is not None:
+      checkpoint_lib.check_data_layout(saved, topology, where)
+      if saved["mesh"] != topology["mesh"]:
+        logging.info("checkpoint: resharding state saved on mesh %s into mesh %s", saved["mesh"],
+                     topology["mesh"])
+    state, train_iter = ckpt.restore(step, trainer.abstract_state, train_iter)
+    return state, train_iter, metrics
+  checkpoint_lib.check_data_layout(saved, topology, where)
+  states = list(ckpt.saved_data_iter_states(step).values())
+  if len(states) != saved["process_count"] or any(s != states[0] for s in states):
+    raise ValueError(
+        f"checkpoint {where} was saved by {saved['process_count']} processes whose data-iterator "
+        f"states differ ({len(states)} found), so they cannot be re-sharded over "
+        f"{topology['process_count']} processes; rerun with {saved['process_count']} processes")
+  state, _ = ckpt.restore(step, trainer.abstract_state)
+  train_iter.set_state(states[0])
+  logging.warning("checkpoint: saved by %d processes, restored into %d (mesh %s -> %s); the data "
+                  "stream continues at the same global position", saved["process_count"],
+                  topology["process_count"], saved["mesh"], topology["mesh"])
+  return state, train_iter, metrics
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
         build_fn: Callable = build_model) -> TrainState:
-  """Trains per config in workdir on mesh; resumes from workdir/checkpoints when present."""
+  """Trains per config in workdir on mesh; resumes from workdir/checkpoints when present.
+
+  Returns the final state, or the state at the preemption step after a preemption notice
+  (SIGTERM), which is then saved with all pending writes finished.
+  """
   config = resolve_paths(config, workdir)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   if config.max_bad_steps < 1:
     raise ValueError(f"config.max_bad_steps must be >= 1, got {config.max_bad_steps}")
+  if config.log_every < 1:
+    raise ValueError(f"config.log_every must be >= 1, got {config.log_every}")
   prepare_data(config)
 
   trainer = Trainer(config, mesh, build_fn)
   trainer.init_rest(jax.random.key(config.seed))
-  writer = metrics_lib.create_writer(workdir)
-  ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
   config_json = checkpoint_lib.config_to_json(config)
+  topology = checkpoint_lib.topology(config, mesh)
   norm_stats = checkpoint_lib.read_json(
       config.data.norm_stats_path or os.path.join(config.data.dataset_dir, "norm_stats.json"))
 
-  train_iter = iter(make_dataset(config, "train"))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
-    state, train_iter = ckpt.restore(latest, trainer.abstract_state, train_iter)
-  else:
-    state = trainer.new_state()
-    writer.write_hparams(_hparams(config))
-  start = int(jax.device_get(state.step))
+  ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
+  train_iter = writer = None
+  # Everything opened is closed on every exit path (Grain workers hold shared memory).
+  try:
+    with checkpoint_lib.sigterm_as_preemption():
+      train_iter = iter(make_dataset(config, "train"))
+      unlogged = []  # step metrics since the last log line; saved with each checkpoint
+      latest = ckpt.latest_step()
+      if latest is not None:
+        logging.info("resuming from checkpoint step %d in %s", latest, ckpt.directory)
+        state, train_iter, unlogged = restore_checkpoint(ckpt, latest, trainer, train_iter,
+                                                         topology)
+      else:
+        state = trainer.new_state()
+      start = int(jax.device_get(state.step))
+      writer = make_writer(workdir, start)
+      if latest is None:
+        writer.write_hparams(_hparams(config))
+      state = _train_loop(config, workdir, trainer, ckpt, writer, state, train_iter, unlogged,
+                          start, dict(config=config_json, norm_stats=norm_stats, topology=topology))
+  finally:
+    if writer is not None:
+      writer.close()  # flushes the asynchronous writer
+    ckpt.wait_until_finished()
+    ckpt.close()
+    if train_iter is not None:
+      _close(train_iter)
+  return state
+
+
+def _train_loop(config, workdir: str, trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, writer, state,
+                train_iter, unlogged: list, start: int, items: dict[str, Any]) -> TrainState:
+  mesh = trainer.mesh
   num_steps = config.num_train_steps
   if start >= num_steps:
     logging.info("checkpoint is at step %d >= config.num_train_steps=%d: nothing to train",
@@ -395,6 +557,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
 
   hooks = metrics_lib.make_periodic_actions(config, workdir, writer, num_steps)
   acc = metrics_lib.MeanAccumulator()
+  for m in unlogged:
+    acc.add(m)
   eval_rng = jax.random.key(config.seed + 1)
   # (step, on-device bad-step counter) not yet checked. Checking one step late keeps dispatch
   # asynchronous; eval and saves check first, so a run that must stop saves nothing more.
@@ -407,39 +571,38 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
       pending = None
 
   t0 = time.time()
-  try:
-    for step in range(start + 1, num_steps + 1):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = to_global_batch(next(train_iter), mesh)
-        state, step_metrics = trainer.train_step(state, batch)
-      settle()
-      pending = (step, step_metrics.pop("bad_steps"))
-      acc.add(step_metrics)
-      for hook in hooks:
-        hook(step)
-
-      if step % config.log_every == 0 or step == num_steps:
-        writer.write_scalars(step, acc.summary("train/"))
-      if step % config.eval_every == 0 or step == num_steps:
-        settle()
-        writer.write_scalars(step, run_eval(trainer, state, config, eval_rng))
-      # Every host must ask at every step: they agree on the step at which to stop.
-      preempted = ckpt.reached_preemption(step)
-      if preempted or step == num_steps or ckpt.should_save(step):
-        settle()
-        ckpt.save(step, state, train_iter, config=config_json, norm_stats=norm_stats,
-                  force=preempted or step == num_steps)
-      if preempted:
-        ckpt.wait_until_finished()
-        logging.warning("preemption notice: checkpoint saved at step %d; exiting cleanly", step)
-        return state
+  for step in range(start + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      batch = to_global_batch(next(train_iter), mesh)
+      state, step_metrics = trainer.train_step(state, batch)
     settle()
-    logging.info("training done at step %d (%.1f s)", max(start, num_steps), time.time() - t0)
-  finally:
-    writer.close()  # flushes the asynchronous writer
-    ckpt.wait_until_finished()
-    ckpt.close()
-    _close(train_iter)
+    pending = (step, step_metrics.pop("bad_steps"))
+    acc.add(step_metrics)
+    unlogged.append(step_metrics)
+    for hook in hooks:
+      hook(step)
+
+    if step % config.log_every == 0 or step == num_steps:
+      writer.write_scalars(step, acc.summary("train/"))
+      unlogged.clear()
+    # eval_every <= 0 turns evaluation off (the final one too).
+    if config.eval_every > 0 and (step % config.eval_every == 0 or step == num_steps):
+      settle()
+      writer.write_scalars(step, run_eval(trainer, state, config, eval_rng))
+    # Every host must ask at every step: they agree on the step at which to stop.
+    preempted = ckpt.reached_preemption(step)
+    if preempted or step == num_steps or ckpt.should_save(step):
+      settle()
+      ckpt.save(step, state, train_iter, metrics=_metrics_to_json(unlogged),
+                force=preempted or step == num_steps, **items)
+    if preempted:
+      ckpt.wait_until_finished()
+      logging.warning("preemption notice (SIGTERM): checkpoint saved at step %d on all %d "
+                      "processes; exiting cleanly, rerun the same command to resume", step,
+                      jax.process_count())
+      return state
+  settle()
+  logging.info("training done at step %d (%.1f s)", max(start, num_steps), time.time() - t0)
   return state
 
 
