@@ -628,8 +628,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"head alone on prefix output {h['context_shape']}:")
     for kind in ("fwd", "train"):
       p, n = h["pairwise"][kind], h["naive"][kind]
-      lines.append(f"  {kind:<5} pairwise {p['flops'] / 1e9:.2f} GFLOPs {p['temp_bytes'] / 2**20:.1f}"
-                   f" MiB temp | naive {n['flops'] / 1e9:.2f} GFLOPs "
+      lines.append(f"  {kind:<5} pairwise {p['flops'] / 1e9:.2f} GFLOPs "
+                   f"{p['temp_bytes'] / 2**20:.1f} MiB temp | naive {n['flops'] / 1e9:.2f} GFLOPs "
                    f"{n['temp_bytes'] / 2**20:.1f} MiB temp | naive/pairwise temp "
                    f"{result[f'head_naive_over_pairwise_temp_{kind}']:.1f}x")
     lines.append(f"  head train FLOPs / no-head step FLOPs "

@@ -5,8 +5,8 @@ One checkpoint step holds the composite
   data_iter  the Grain iterator position, one JSON per process,
   config     the run's config as JSON, and norm_stats (the dataset's normalization) as JSON,
   topology   process count, mesh, batch and worker counts of the run that saved it (JSON),
-  metrics    per-step train metrics not yet logged at that step (JSON), so that a resumed run
-             logs the same means as an uninterrupted one.
+  unlogged_metrics  per-step train metrics not yet logged at that step (JSON), so that a
+             resumed run logs the same means as an uninterrupted one.
 Saves are async; `wait_until_finished` must run before the process exits. Orbax writes a step into
 `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a process killed mid-save leaves
 no step that looks complete (and the tmp dir is removed by the next run).
@@ -106,7 +106,7 @@ class Checkpointer:
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     for name, value in (("config", config), ("norm_stats", norm_stats), ("topology", topology),
-                        ("metrics", metrics)):
+                        ("unlogged_metrics", metrics)):
       if value is not None:
         items[name] = ocp.args.JsonSave(value)
     saved = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)

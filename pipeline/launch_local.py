@@ -63,7 +63,8 @@ def spawn(main_args: Sequence[str], *, num_processes: int, cpu_devices: int | No
     out = None
     if log_dir is not None:
       os.makedirs(log_dir, exist_ok=True)
-      out = open(os.path.join(log_dir, f"process_{i}.log"), "w")
+      # Appended: a rerun (resume) keeps the log of the run it continues.
+      out = open(os.path.join(log_dir, f"process_{i}.log"), "a")
     procs.append(subprocess.Popen(
         [sys.executable, "-m", module, *main_args], cwd=cwd,
         env=process_env(i, num_processes, coordinator, cpu_devices, env),

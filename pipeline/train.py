@@ -468,7 +468,7 @@ def restore_checkpoint(ckpt: checkpoint_lib.Checkpointer, step: int, trainer: Tr
   """
   where = str(ckpt.step_path(step))
   saved = ckpt.restore_json(step, "topology")
-  metrics = _metrics_from_json(ckpt.restore_json(step, "metrics"))
+  metrics = _metrics_from_json(ckpt.restore_json(step, "unlogged_metrics"))
   if saved is None or saved["process_count"] == topology["process_count"]:
     if saved is not None:
       checkpoint_lib.check_data_layout(saved, topology, where)
@@ -516,9 +516,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
 
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config)
   train_iter = writer = None
-  # Everything opened is closed on every exit path (Grain workers hold shared memory).
-  try:
-    with checkpoint_lib.sigterm_as_preemption():
+  # SIGTERM stays a preemption notice until the last write has finished.
+  with checkpoint_lib.sigterm_as_preemption():
+    # Everything opened is closed on every exit path (Grain workers hold shared memory).
+    try:
       train_iter = iter(make_dataset(config, "train"))
       unlogged = []  # step metrics since the last log line; saved with each checkpoint
       latest = ckpt.latest_step()
@@ -533,19 +534,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
       if latest is None:
         writer.write_hparams(_hparams(config))
       state = _train_loop(config, workdir, trainer, ckpt, writer, state, train_iter, unlogged,
-                          start, dict(config=config_json, norm_stats=norm_stats, topology=topology))
-  finally:
-    if writer is not None:
-      writer.close()  # flushes the asynchronous writer
-    ckpt.wait_until_finished()
-    ckpt.close()
-    if train_iter is not None:
-      _close(train_iter)
+                          start, dict(config=config_json, norm_stats=norm_stats,
+                                      topology=topology))
+    finally:
+      if writer is not None:
+        writer.close()  # flushes the asynchronous writer
+      ckpt.wait_until_finished()
+      ckpt.close()
+      if train_iter is not None:
+        _close(train_iter)
   return state
 
 
-def _train_loop(config, workdir: str, trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, writer, state,
-                train_iter, unlogged: list, start: int, items: dict[str, Any]) -> TrainState:
+def _train_loop(config, workdir: str, trainer: Trainer, ckpt: checkpoint_lib.Checkpointer,
+                writer, state, train_iter, unlogged: list, start: int,
+                items: dict[str, Any]) -> TrainState:
   mesh = trainer.mesh
   num_steps = config.num_train_steps
   if start >= num_steps:
@@ -597,8 +600,8 @@ def _train_loop(config, workdir: str, trainer: Trainer, ckpt: checkpoint_lib.Che
                 force=preempted or step == num_steps, **items)
     if preempted:
       ckpt.wait_until_finished()
-      logging.warning("preemption notice (SIGTERM): checkpoint saved at step %d on all %d "
-                      "processes; exiting cleanly, rerun the same command to resume", step,
+      logging.warning("preemption notice (SIGTERM): checkpoint saved at step %d (agreed by all "
+                      "%d process(es)); exiting cleanly, rerun the same command to resume", step,
                       jax.process_count())
       return state
   settle()
