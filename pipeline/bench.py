@@ -67,7 +67,6 @@ _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "loader: worker counts.
 _TOKENIZER = flags.DEFINE_string("tokenizer_path", "",
                                  "loader: tokenizer (default: the synthetic one for the synthetic "
                                  "dataset, else config.data.tokenizer_path).")
-_AUGMENT = flags.DEFINE_bool("augment", True, "loader: training augmentation in the full chain.")
 
 # bf16 peak dense TFLOP/s per chip, for MFU when --peak_tflops is not given.
 _PEAK_TFLOPS_BY_KIND = {
@@ -463,7 +462,7 @@ def bench_energy(size: str = "full", batch: int | None = None, time_size: str | 
 
 def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
                  num_batches: int = 20, workers: Sequence[int] = (0, 1, 2),
-                 episodes: int = 8, source_image_size: int = 256, augment: bool = True,
+                 episodes: int = 8, source_image_size: int = 256,
                  num_threads: int = 2, prefetch: int = 2, tokenizer_path: str = "",
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Full train chain vs decode-only samples/s per worker count (pipeline.data.loader)."""
@@ -478,7 +477,6 @@ def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
   model_size(c, size)
   c.batch_size = batch
   d = c.data
-  d.augment = augment
   d.num_threads = num_threads
   d.prefetch = prefetch
   if tokenizer_path:
@@ -502,7 +500,7 @@ def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
   result = {"command": "loader", "device": device_kind(), "host_cpus": os.cpu_count(),
             "dataset_dir": "synthetic (temp)" if tmp else str(dataset_dir),
             "image_size": c.model.image_size, "source_image_size": source_image_size,
-            "augment": augment, "batch": batch, "num_batches": num_batches,
+            "batch": batch, "num_batches": num_batches,
             "num_threads": num_threads, "rows": rows}
   result["targets"] = {"full_ge_0.7x_decode": all(r["full_over_decode"] >= 0.7 for r in rows)}
   return result
@@ -643,7 +641,7 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{result['timed_naive_overhead']:.2%}")
   elif cmd == "loader":
     lines.append(f"batch {result['batch']}, image {result['image_size']} px (source "
-                 f"{result['source_image_size']} px), augment={result['augment']}")
+                 f"{result['source_image_size']} px); augmentation runs on the device, not here")
     for r in result["rows"]:
       lines.append(f"  workers={r['workers']}: full {r['full_samples_per_s']:.1f} samples/s, "
                    f"decode-only {r['decode_samples_per_s']:.1f} samples/s, ratio "
@@ -694,7 +692,7 @@ def main(argv: Sequence[str]) -> None:
     kwargs = dict(dataset_dir=_DATASET_DIR.value, size=size,
                   batch=_BATCH.value or default_batch(size), num_batches=_BATCHES.value,
                   workers=[int(w) for w in _WORKERS.value], episodes=_EPISODES.value,
-                  source_image_size=_SOURCE_IMAGE_SIZE.value, augment=_AUGMENT.value,
+                  source_image_size=_SOURCE_IMAGE_SIZE.value,
                   tokenizer_path=_TOKENIZER.value, log=log)
   elif command == "checkpoint":
     kwargs = dict(size=_SIZE.value or "mid", batch=_BATCH.value, saves=_SAVES.value,

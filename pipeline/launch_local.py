@@ -1,6 +1,6 @@
 """Runs `python -m pipeline.main` as several local processes: multi-process training on one host.
 
-  python -m pipeline.launch_local --num_processes=2 --cpu_devices=4 -- \
+  python -m pipeline.launch_local --num_processes=2 --cpu_devices=4 [--process_logs=DIR] -- \
       --config=configs/energy_only.py:smoke --workdir=/tmp/pi0e
 
 Every process gets JAX_COORDINATOR_ADDRESS (a free localhost port), JAX_NUM_PROCESSES and
@@ -89,15 +89,18 @@ def wait(procs: Sequence[subprocess.Popen], timeout: float | None = None) -> lis
   return [p.returncode for p in procs]
 
 
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-_CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", None, "Host CPU devices per process (CPU runs); unset: the platform's devices.")
-_LOG_DIR = flags.DEFINE_string("process_logs", None, "Per-process logs here (default: this terminal).")
+def _define_flags() -> None:
+  # Defined only when run as a program: pipeline.main, importable beside it, has --num_processes.
+  flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+  flags.DEFINE_integer("cpu_devices", None,
+                       "Host CPU devices per process (CPU runs); unset: the platform's devices.")
+  flags.DEFINE_string("process_logs", None, "Per-process logs here (default: this terminal).")
 
 
 def main(argv):
-  procs = spawn(argv[1:], num_processes=_NUM_PROCESSES.value, cpu_devices=_CPU_DEVICES.value,
-                log_dir=_LOG_DIR.value)
+  f = flags.FLAGS
+  procs = spawn(argv[1:], num_processes=f.num_processes, cpu_devices=f.cpu_devices,
+                log_dir=f.process_logs)
 
   def forward(signum, frame):
     del signum, frame
@@ -113,4 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

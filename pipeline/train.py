@@ -41,6 +41,7 @@ from pipeline import checkpoint as checkpoint_lib
 from pipeline import metrics as metrics_lib
 from pipeline import optim
 from pipeline import sharding as sharding_lib
+from pipeline.data import augment as augment_lib
 
 ENERGY_METRICS = ("energy_loss", "E_pos", "E_neg", "energy_accuracy")
 
@@ -134,8 +135,11 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, mask: dict,
-                    schedule: optax.Schedule, ema_decay: float):
-  """(state, batch) -> (state, metrics). Non-finite loss/grads leave the state unchanged."""
+                    schedule: optax.Schedule, ema_decay: float, augment: bool = False):
+  """(state, batch) -> (state, metrics). Non-finite loss/grads leave the state unchanged.
+
+  augment: augment the batch's images on the device first (pipeline.data.augment).
+  """
 
   def grads_fn(trainable, frozen, rng, batch):
     obs, actions = model_inputs(batch)
@@ -149,6 +153,9 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, mask: d
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if augment:
+      # A separate stream from the loss's, keyed per example by position in the global batch.
+      batch = augment_lib.augment_observation(jax.random.fold_in(rng, 0x617567), batch, train=True)
     trainable, frozen = optim.split(state.params, mask)
     (loss, metrics), grads = grads_fn(trainable, frozen, rng, batch)
     grad_norm = optax.global_norm(grads)
@@ -315,7 +322,8 @@ class Trainer:
     self._init_state = jax.jit(init_state, out_shardings=self.state_shardings,
                                donate_argnums=0)
     self.train_step = jax.jit(
-        make_train_step(self.parts, self.tx, self.mask, self.schedule, self.ema_decay),
+        make_train_step(self.parts, self.tx, self.mask, self.schedule, self.ema_decay,
+                        augment=bool(config.data.get("augment", False))),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     self.eval_step = jax.jit(
@@ -434,9 +442,12 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def make_writer(workdir: str, start_step: int) -> metric_writers.MetricWriter:
-  """clu default writer (TensorBoard on process 0, log lines) + metrics.jsonl on process 0."""
+  """clu default writer (TensorBoard on process 0, log lines) + metrics.jsonl on process 0.
+
+  The JSONL log is local-disk only (it is appended to, which object stores such as gs:// lack).
+  """
   writer = metrics_lib.create_writer(workdir)
-  if jax.process_index() != 0:
+  if jax.process_index() != 0 or "://" in workdir:
     return writer
   path = os.path.join(workdir, METRICS_JSONL)
   JsonlWriter.truncate(path, start_step)

@@ -295,3 +295,21 @@ def test_restore_refuses_a_changed_data_layout(shared, two_processes):
                      r"16.*this run has 1 process\(es\).*config.batch_size=8.*cannot be carried "
                      r"over when batch_size changes"):
     _restore(two_processes, config, sharding.make_mesh(1))
+
+
+def test_unlogged_metrics_survive_a_checkpoint_bitwise():
+  """Steps since the last log line go into the checkpoint; the resumed means are the same bits."""
+  from pipeline import metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  steps = [{"loss": jax.numpy.asarray(rng.normal(), jax.numpy.float32),
+            "bad_step": jax.numpy.zeros((), jax.numpy.float32)} for _ in range(3)]
+  saved = json.loads(json.dumps(train._metrics_to_json(steps)))  # pylint: disable=protected-access
+  ref, got = metrics.MeanAccumulator(), metrics.MeanAccumulator()
+  for m in steps:
+    ref.add(m)
+  for m in train._metrics_from_json(saved):  # pylint: disable=protected-access
+    got.add(m)
+  ref.add({"loss": np.float32(0.5), "bad_step": np.float32(0)})
+  got.add({"loss": np.float32(0.5), "bad_step": np.float32(0)})
+  assert got.summary() == ref.summary()
+  assert train._metrics_from_json(None) == []  # pylint: disable=protected-access

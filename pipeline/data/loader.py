@@ -3,12 +3,12 @@
 Train: records of the train episodes -> global shuffle by seed -> repeat forever -> this process's
 stride [process_index::process_count] of the global order -> decode + transform (threads, and
 worker processes when num_workers > 0) -> per-process batch. Every process shuffles identically, so
-the strides are disjoint and together cover the global order. The example's position in the global
-order seeds its augmentation, so an example is augmented the same way whatever the process count,
-worker count or resume point, and differently in each epoch.
+the strides are disjoint and together cover the global order. Images leave the host as uint8 at the
+model size; training augmentation runs on the device in the train step (pipeline.data.augment,
+keyed by step and position in the global batch), so the host chain stays close to decode cost.
 
 Eval: records of the held-out episodes in one fixed shuffled order (so a batch mixes episodes), once
-(optionally repeated), no augmentation; the split is truncated to whole global batches so every
+(optionally repeated); the split is truncated to whole global batches so every
 process yields the same number of batches.
 
 The iterator of the returned dataset checkpoints with Orbax:
@@ -56,8 +56,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       eval_fraction=0.05,  # share of episodes held out for evaluation
       split_seed=0,  # picks the held-out episodes; separate from shuffle_seed so they stay fixed
       eval_repeat=False,  # eval iterates once unless True
-      shuffle_seed=0,  # global shuffle order and augmentation randomness
-      augment=True,  # training augmentation (never applied to eval)
+      shuffle_seed=0,  # global shuffle order
+      augment=True,  # device-side training augmentation in the train step (never in eval)
       num_workers=4,  # decoding worker processes per host (0: threads in the main process)
       num_threads=4,  # reader threads, each building whole batches (per worker process)
       prefetch=4,  # batches read ahead by the reader threads (per worker process)
@@ -178,22 +178,18 @@ class _SplitSource(grain.sources.RandomAccessDataSource):
     return f"_SplitSource({len(self._paths)} shards, {len(self._indices)} records)"
 
 
-def _tag_position(position: int, item: tuple[int, bytes]) -> tuple[int, int, bytes]:
-  return position, item[0], item[1]
-
-
 class _Apply:
-  """Per-element map: (position, record index, bytes) -> example, or None for a skipped record."""
+  """Per-element map: (record index, bytes) -> example, or None for a skipped record."""
 
   def __init__(self, transform: transforms.FrameTransform, skip_bad: bool):
     self.transform = transform
     self.skip_bad = skip_bad
     self.skipped = 0
 
-  def __call__(self, item: tuple[int, int, bytes]) -> dict[str, Any] | None:
-    position, record_index, data = item
+  def __call__(self, item: tuple[int, bytes]) -> dict[str, Any] | None:
+    record_index, data = item
     try:
-      return self.transform(record_index, data, example_index=position)
+      return self.transform(record_index, data)
     except records.RecordError as e:
       if not self.skip_bad:
         raise
@@ -202,8 +198,8 @@ class _Apply:
       return None
 
 
-def _decode_only(item: tuple[int, int, bytes]) -> dict[str, np.ndarray]:
-  return transforms.decode_images_only(item[2])
+def _decode_only(item: tuple[int, bytes]) -> dict[str, np.ndarray]:
+  return transforms.decode_images_only(item[1])
 
 
 def _not_none(x: Any) -> bool:
@@ -223,7 +219,7 @@ def _norm_stats_path(config: ml_collections.ConfigDict) -> str:
   return path or os.path.join(config.data.dataset_dir, NORM_STATS)
 
 
-def make_frame_transform(config: ml_collections.ConfigDict, *, augment: bool,
+def make_frame_transform(config: ml_collections.ConfigDict, *,
                          info: DatasetInfo | None = None) -> transforms.FrameTransform:
   """The per-record transform that make_dataset applies, built from the config."""
   m = config.model
@@ -239,14 +235,14 @@ def make_frame_transform(config: ml_collections.ConfigDict, *, augment: bool,
       norm_stats=transforms.load_norm_stats(_norm_stats_path(config)),
       tokenizer_path=tokenizer_path, image_size=m.image_size,
       action_dim=m.action_dim, action_horizon=m.action_horizon, max_token_len=m.max_token_len,
-      normalization=_cfg(config, "normalization"), augment=augment,
-      seed=_cfg(config, "shuffle_seed"), describe=RecordLocator(info) if info else None,
+      normalization=_cfg(config, "normalization"),
+      describe=RecordLocator(info) if info else None,
       delta_action_dims=_cfg(config, "delta_action_dims"))
 
 
 def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int,
                        process_count: int, per_process: int) -> grain.MapDataset:
-  """Split records in stream order, tagged with global position; this process's stride."""
+  """Split records in stream order; this process's stride."""
   rows = split_episodes(info, _cfg(config, "eval_fraction"), _cfg(config, "split_seed"))[split]
   indices = info.record_indices(rows)
   if split == "eval":
@@ -267,7 +263,6 @@ def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int
     ds = ds.seed(_cfg(config, "shuffle_seed")).shuffle().repeat(None)
   elif _cfg(config, "eval_repeat"):
     ds = ds.repeat(None)
-  ds = ds.map_with_index(_tag_position)
   return ds[process_index::process_count]
 
 
@@ -288,8 +283,8 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, process_index
     config: uses config.data.* (see default_data_config), config.model.{image_size, action_dim,
       action_horizon, max_token_len, vocab_size (optional: checked against the tokenizer)} and
       config.batch_size (global).
-    split: 'train' (shuffled, infinite, augmented when config.data.augment) or 'eval' (one fixed
-      shuffle, once unless config.data.eval_repeat, never augmented).
+    split: 'train' (shuffled, infinite) or 'eval' (one fixed shuffle, once unless
+      config.data.eval_repeat). Neither is augmented here: see pipeline.data.augment.
     process_index: this process's index; pass jax.process_index() computed after
       jax.distributed.initialize.
     process_count: number of processes (jax.process_count()).
@@ -302,8 +297,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, process_index
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   per_process = _check_process(config, process_index, process_count)
   info = DatasetInfo(config.data.dataset_dir)
-  transform = make_frame_transform(config, augment=split == "train" and _cfg(config, "augment"),
-                                   info=info)
+  transform = make_frame_transform(config, info=info)
   skip_bad = bool(_cfg(config, "skip_bad_records"))
   ds = _split_map_dataset(config, info, split, process_index, process_count, per_process)
   ds = ds.map(_Apply(transform, skip_bad))
@@ -363,12 +357,13 @@ def bench_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
   """Samples/s of the full train chain vs image decoding alone, per worker count.
 
   Both pipelines read the same shuffled records with the same threads and batch size; the decode
-  baseline only unpacks the record and decodes its two images.
+  baseline only unpacks the record and decodes its two images. The full chain holds no
+  augmentation: config.data.augment acts on the device, in the train step.
   Returns rows {workers, full_samples_per_s, decode_samples_per_s}; also prints them.
   """
   info = DatasetInfo(config.data.dataset_dir)
   per_process = _check_process(config, 0, 1)
-  transform = make_frame_transform(config, augment=_cfg(config, "augment"), info=info)
+  transform = make_frame_transform(config, info=info)
   read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"),
                            prefetch_buffer_size=_cfg(config, "prefetch"))
   rows = []

@@ -1,15 +1,10 @@
 """Per-frame transforms: a prepared record (bytes) -> one example of the model's batch format.
 
-Order follows openpi's pi0 LIBERO training chain: decode images -> resize-with-pad to the model
-size (uint8) -> [augment] -> scale to [-1, 1]; normalize state/actions with the norm stats, then
-zero-pad them to the model's action_dim (so padded dims are exactly 0); tokenize the prompt.
-
-Augmentation (openpi applies it on device with augmax; here it runs on the host in loader workers):
-  non-wrist cameras: random crop of 95% of height/width, resize back, rotate by U(-5, 5) degrees;
-  all cameras: color jitter, brightness factor U(0.7, 1.3), contrast U(0.6, 1.4), saturation
-  U(0.5, 1.5), applied in that order on uint8 with clipping after each (see color_jitter).
-Randomness comes from a generator seeded by (seed, example index) alone, so an example's
-augmentation does not depend on worker count, thread scheduling or where a run was resumed.
+Order follows openpi's pi0 LIBERO chain up to the device: decode images -> resize-with-pad to the
+model size, kept as uint8 (the model scales to [-1, 1] inside the jit); normalize state/actions
+with the norm stats, then zero-pad them to the model's action_dim (so padded dims are exactly 0);
+tokenize the prompt. Training augmentation is not done here: it runs on the device inside the
+train step (pipeline.data.augment), as in openpi, where it is cheap.
 """
 from __future__ import annotations
 
@@ -20,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
-from PIL import ImageEnhance
 
 from pipeline.data import records
 from pipeline.data import tokenizer as tokenizer_lib
@@ -31,9 +25,6 @@ CAMERA_FIELDS = {"base_0_rgb": "image", "left_wrist_0_rgb": "wrist_image",
                  "right_wrist_0_rgb": None}
 NORMALIZATIONS = ("zscore", "quantile")
 NORM_EPS = 1e-6
-CROP_FRACTION = 0.95
-MAX_ROTATION_DEG = 5.0
-BRIGHTNESS, CONTRAST, SATURATION = 0.3, 0.4, 0.5
 
 _log = logging.getLogger(__name__)
 
@@ -68,55 +59,6 @@ def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
   top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
   out[top:top + new_h, left:left + new_w] = resized
   return out
-
-
-def crop_resize_rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Random 95% crop, bilinear resize back to the input size, random small rotation (uint8)."""
-  h, w = image.shape[:2]
-  ch, cw = int(h * CROP_FRACTION), int(w * CROP_FRACTION)
-  top = int(rng.integers(0, h - ch + 1))
-  left = int(rng.integers(0, w - cw + 1))
-  angle = float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG))
-  img = Image.fromarray(image[top:top + ch, left:left + cw]).resize((w, h), resample=Image.BILINEAR)
-  # Corners uncovered by the rotation become black, like the zero padding.
-  img = img.rotate(angle, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
-  return np.asarray(img)
-
-
-def color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Brightness, contrast, saturation jitter of a uint8 [H, W, 3] image.
-
-  Each step blends with a degenerate image (PIL ImageEnhance, torchvision semantics): black for
-  brightness, the mean gray level for contrast, the grayscale image for saturation; the uint8
-  result of each step is clipped to [0, 255].
-  """
-  b = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
-  c = rng.uniform(1 - CONTRAST, 1 + CONTRAST)
-  s = rng.uniform(1 - SATURATION, 1 + SATURATION)
-  img = Image.fromarray(image)
-  img = ImageEnhance.Brightness(img).enhance(b)
-  img = ImageEnhance.Contrast(img).enhance(c)
-  img = ImageEnhance.Color(img).enhance(s)
-  return np.asarray(img)
-
-
-def example_rng(seed: int, index: int) -> np.random.Generator:
-  """Generator for one example, a pure function of (seed, index)."""
-  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index)])
-
-
-def augment_image(image: np.ndarray, rng: np.random.Generator, *, wrist: bool) -> np.ndarray:
-  """Augments a uint8 [H, W, 3] image; wrist cameras get no geometric changes."""
-  if not wrist:
-    image = crop_resize_rotate(image, rng)
-  return color_jitter(image, rng)
-
-
-def to_signed(image: np.ndarray) -> np.ndarray:
-  """uint8 (0..255) or float in [0, 1] -> float32 in [-1, 1]."""
-  if image.dtype == np.uint8:
-    return image.astype(np.float32) / np.float32(127.5) - 1  # exact at 0 and 255
-  return image.astype(np.float32) * 2 - 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,8 +161,6 @@ class FrameTransform:
     action_horizon: number of action steps kept (the first ones of the record's chunk).
     max_token_len: prompt length after padding/truncation.
     normalization: 'zscore' or 'quantile'.
-    augment: apply training augmentation.
-    seed: augmentation seed.
     describe: maps a record index to a human description (shard, episode) for error messages.
     delta_action_dims: if > 0, the first that many action dims become relative to the current
       state (actions[:, :n] -= state[:n]) before normalization, as openpi's pi0_libero
@@ -229,7 +169,6 @@ class FrameTransform:
 
   def __init__(self, *, norm_stats: dict, tokenizer_path: str, image_size: int, action_dim: int,
                action_horizon: int, max_token_len: int, normalization: str = "zscore",
-               augment: bool = False, seed: int = 0,
                describe: Callable[[int], str] | None = None, delta_action_dims: int = 0):
     if normalization not in NORMALIZATIONS:
       raise ValueError(f"config.data.normalization must be one of {NORMALIZATIONS}, "
@@ -243,8 +182,6 @@ class FrameTransform:
     self.action_dim = int(action_dim)
     self.action_horizon = int(action_horizon)
     self.normalization = normalization
-    self.augment = bool(augment)
-    self.seed = int(seed)
     self.describe = describe
     self.delta_action_dims = int(delta_action_dims)
 
@@ -253,39 +190,35 @@ class FrameTransform:
       return self.describe(record_index)
     return f"record {record_index}"
 
-  def __call__(self, record_index: int, data: bytes,
-               example_index: int | None = None) -> dict[str, Any]:
-    """Transforms one record; `example_index` (position in the stream) seeds augmentation.
+  def __call__(self, record_index: int, data: bytes) -> dict[str, Any]:
+    """Transforms one record.
 
     Raises:
       records.RecordError: naming the record index (and shard/episode when known) and the field.
     """
     try:
       frame = records.decode_frame(data)
-      return self.transform_frame(frame, record_index if example_index is None else example_index)
+      return self.transform_frame(frame)
     except records.RecordError as e:
       raise records.RecordError(f"{self._where(record_index)}: {e}") from e
 
-  def transform_frame(self, frame: dict[str, Any], example_index: int) -> dict[str, Any]:
+  def transform_frame(self, frame: dict[str, Any]) -> dict[str, Any]:
     """Transforms an already decoded frame dict (see records.FIELDS)."""
     ep = f"episode {frame.get('episode_index')} frame {frame.get('frame_index')}"
-    rng = example_rng(self.seed, example_index) if self.augment else None
     images, masks = {}, {}
     size = self.image_size
     for key in IMAGE_KEYS:
       field = CAMERA_FIELDS[key]
       if field is None:
-        images[key] = np.full((size, size, 3), -1.0, np.float32)  # black, as a uint8 zero image
+        # Black and masked out; zeros are cheap (calloc) and uint8 keeps the batch small.
+        images[key] = np.zeros((size, size, 3), np.uint8)
         masks[key] = np.bool_(False)
         continue
       try:
         img = decode_image(frame[field], field=field)
       except records.RecordError as e:
         raise records.RecordError(f"{ep}: {e}") from e
-      img = resize_with_pad(img, size, size)
-      if rng is not None:
-        img = augment_image(img, rng, wrist="wrist" in key)
-      images[key] = to_signed(img)
+      images[key] = resize_with_pad(img, size, size)  # uint8; the model scales it
       masks[key] = np.bool_(True)
 
     state = self._array(frame, "state", ep, ndim=1)

@@ -13,7 +13,9 @@ Layout of one evaluation E(c, a):
 `EnergyModel.pairwise` scores every context of a batch against every action
 chunk. Everything that depends on one sample only (both encoders and the
 key/value/query projections) runs once per sample; only the attention and
-the head run per pair, so the context is never repeated B times.
+the head run per pair, so the context is never repeated B times. The
+per-pair part runs in chunks of contexts, so that its largest tensors (and
+their gradients) exist for one chunk at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from flax import nnx
 
 # Extra width inside each residual block of the MLP-ResNets.
 _MLP_RATIO = 4
+
+# Bound on the elements of the largest per-pair tensor of one chunk of
+# contexts in `pairwise` (256 MiB in float32); see `EnergyModel.pair_chunk`.
+_PAIR_CHUNK_ELEMENTS = 2**26
 
 
 def _as_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
@@ -307,6 +313,23 @@ class EnergyModel(nnx.Module):
     per_step = self._energy_per_step(features, attended, rngs)
     return per_step.astype(jnp.float32).mean(axis=-1)
 
+  def pair_chunk(
+    self, num_contexts: int, num_queries: int, context_len: int
+  ) -> int:
+    """Contexts per chunk of `pairwise`'s per-pair part (automatic choice).
+
+    Per context, the per-pair part holds attention logits [heads, Q, S] and
+    head activations [Q, 4 * hidden] for the Q = B_actions * H queries. The
+    chunk is the largest divisor of `num_contexts` (chunks of equal size)
+    that keeps the larger of the two below `_PAIR_CHUNK_ELEMENTS`.
+    """
+    per_context = num_queries * max(
+      self.attention.heads * context_len, _MLP_RATIO * self.hidden
+    )
+    limit = max(1, _PAIR_CHUNK_ELEMENTS // max(per_context, 1))
+    divisors = range(1, min(limit, num_contexts) + 1)
+    return max((d for d in divisors if num_contexts % d == 0), default=1)
+
   def pairwise(
     self,
     context: jax.Array,
@@ -314,33 +337,75 @@ class EnergyModel(nnx.Module):
     actions: jax.Array,
     *,
     rngs: nnx.Rngs | jax.Array | None = None,
+    pair_chunk: int | None = None,
   ) -> jax.Array:
     """Energies of all pairs: result[i, j] = E(context_i, actions_j).
 
-    Encoders and projections run once per sample; the attention runs with
-    batch i over all B*H action queries at once, and the head per pair.
-    Memory is O(B*S*D + B*B*H*D): the context is never repeated.
+    Encoders and projections run once per sample; the attention runs per
+    context over all B*H action queries at once, and the head per pair.
+    Memory is O(B*S*D + chunk*B*H*D): the context is never repeated, and the
+    per-pair part runs `pair_chunk` contexts at a time. With more than one
+    chunk, each chunk is rematerialized, so the backward pass also holds one
+    chunk's per-pair tensors at a time (at the cost of recomputing the
+    per-pair forward once).
 
     Args:
       context: [B, S, C].
       context_mask: bool [B, S], True = valid token.
       actions: [B, H, A] (its batch may differ from the context's).
       rngs: dropout randomness; None = no dropout.
+      pair_chunk: contexts per chunk (must divide B_context); None =
+        `self.pair_chunk(...)`.
 
     Returns:
       float32 [B_context, B_actions].
     """
     self._check(context, context_mask, actions)
+    if pair_chunk is not None and pair_chunk < 1:
+      raise ValueError(
+        f"EnergyModel: pair_chunk must be >= 1, got {pair_chunk}"
+      )
     rngs = _as_rngs(rngs)
     keys, values = self._encode_context(context, context_mask, rngs)
     features, queries = self._encode_actions(actions, rngs)
+    num_contexts, context_len = context.shape[:2]
     num_actions, horizon = actions.shape[:2]
     # All action chunks' queries as one query set shared by every context.
     flat_queries = queries.reshape(num_actions * horizon, *queries.shape[2:])
-    attended = self.attention.attend(flat_queries, keys, values, context_mask)
-    attended = attended.reshape(-1, num_actions, horizon, self.hidden)
-    per_step = self._energy_per_step(features[None], attended, rngs)
-    return per_step.astype(jnp.float32).mean(axis=-1)
+
+    def energies_of_chunk(inputs):
+      """E(context_i, actions_j) for the chunk's contexts i and all j."""
+      keys, values, mask, dropout_key = inputs
+      attended = self.attention.attend(flat_queries, keys, values, mask)
+      attended = attended.reshape(-1, num_actions, horizon, self.hidden)
+      per_step = self._energy_per_step(
+        features[None], attended, _as_rngs(dropout_key)
+      )
+      return per_step.astype(jnp.float32).mean(axis=-1)
+
+    chunk = pair_chunk or self.pair_chunk(
+      num_contexts, flat_queries.shape[0], context_len
+    )
+    if num_contexts % chunk:
+      raise ValueError(
+        f"EnergyModel: pair_chunk {chunk} must divide the batch {num_contexts}"
+      )
+    num_chunks = num_contexts // chunk
+    dropout_key = None if rngs is None else rngs.dropout()
+    if num_chunks <= 1:
+      return energies_of_chunk((keys, values, context_mask, dropout_key))
+    in_chunks = lambda x: x.reshape(num_chunks, chunk, *x.shape[1:])
+    dropout_keys = (
+      None if rngs is None else jax.random.split(dropout_key, num_chunks)
+    )
+    # A loop (not unrolled) over checkpointed chunks: the forward keeps one
+    # chunk's per-pair tensors at a time, and the backward recomputes them
+    # one chunk at a time instead of storing all of them.
+    chunks = tuple(map(in_chunks, (keys, values, context_mask)))
+    energies = jax.lax.map(
+      jax.checkpoint(energies_of_chunk), (*chunks, dropout_keys)
+    )
+    return energies.reshape(num_contexts, num_actions)
 
 
 def infonce(

@@ -361,7 +361,7 @@ class Pi0(nnx.Module):
 
   def compute_loss(self, rng, obs, actions, *, train: bool = False):
     """Flow-matching loss per action step [B, H] (openpi Pi0.compute_loss)."""
-    del train  # augmentation happens in the data pipeline
+    del train  # augmentation runs in the train step (pipeline.data.augment)
     loss, _, _ = self._flow_forward(rng, obs, actions)
     return loss
 

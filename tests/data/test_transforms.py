@@ -89,11 +89,6 @@ def test_resize_same_size_is_identity():
   assert transforms.resize_with_pad(img, 32, 32) is img
 
 
-def test_to_signed_range():
-  x = np.array([0, 51, 255], np.uint8)
-  np.testing.assert_allclose(transforms.to_signed(x), [-1.0, 51 / 255 * 2 - 1, 1.0], atol=1e-6)
-
-
 def test_decode_png_and_jpeg_roundtrip():
   img = np.random.default_rng(3).integers(0, 256, size=(8, 9, 3), dtype=np.uint8)
   np.testing.assert_array_equal(transforms.decode_image(_png(img)), img)
@@ -146,14 +141,14 @@ def test_frame_to_batch_format(norm_stats):
   ex = _transform(norm_stats)(7, records.encode_frame(frame))
   assert set(ex["image"]) == set(transforms.IMAGE_KEYS) == set(ex["image_mask"])
   for key in transforms.IMAGE_KEYS:
-    assert ex["image"][key].shape == (SIZE, SIZE, 3) and ex["image"][key].dtype == np.float32
-    assert ex["image"][key].min() >= -1 and ex["image"][key].max() <= 1
+    # uint8 at the model size: the model scales to [-1, 1]; augmentation runs on the device.
+    assert ex["image"][key].shape == (SIZE, SIZE, 3) and ex["image"][key].dtype == np.uint8
   assert [bool(ex["image_mask"][k]) for k in transforms.IMAGE_KEYS] == [True, True, False]
-  np.testing.assert_array_equal(ex["image"]["right_wrist_0_rgb"], -1.0)
-  # base <- image: the non-augmented example is resize_with_pad + scaling of the decoded PNG.
-  base = np.asarray(Image.open(io.BytesIO(frame["image"])))
-  np.testing.assert_allclose(ex["image"]["base_0_rgb"],
-                             transforms.resize_with_pad(base, SIZE, SIZE) / 255 * 2 - 1, atol=1e-6)
+  np.testing.assert_array_equal(ex["image"]["right_wrist_0_rgb"], 0)
+  # base <- image, left wrist <- wrist_image: resize_with_pad of the decoded images, exactly.
+  for key, field in (("base_0_rgb", "image"), ("left_wrist_0_rgb", "wrist_image")):
+    src = np.asarray(Image.open(io.BytesIO(frame[field])).convert("RGB"))
+    np.testing.assert_array_equal(ex["image"][key], transforms.resize_with_pad(src, SIZE, SIZE))
 
   s, a = norm_stats["state"], norm_stats["actions"]
   assert ex["state"].shape == (ACTION_DIM,) and ex["state"].dtype == np.float32
@@ -193,69 +188,6 @@ def test_quantile_padding_is_zero(norm_stats):
   expected = (_frame()["state"] - q["q01"]) / (q["q99"] - q["q01"] + 1e-6) * 2 - 1
   np.testing.assert_allclose(ex["state"][:8], expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(ex["state"][8:], 0)
-
-
-def _is_function_of_color(src: np.ndarray, out: np.ndarray) -> bool:
-  """True when equal input colors always map to equal output colors (no geometric change)."""
-  colors = src.reshape(-1, 3)
-  flat = out.reshape(-1, 3)
-  _, inverse = np.unique(colors, axis=0, return_inverse=True)
-  for c in np.unique(inverse):
-    group = flat[inverse.ravel() == c]
-    if np.ptp(group, axis=0).max() > 1e-5:
-      return False
-  return True
-
-
-def test_augmentation(norm_stats):
-  data = records.encode_frame(_frame())
-  plain = _transform(norm_stats)(0, data)
-  aug = _transform(norm_stats, augment=True, seed=11)
-  a1, a2 = aug(0, data, example_index=5), aug(0, data, example_index=5)
-  other_index = aug(0, data, example_index=6)
-  other_seed = _transform(norm_stats, augment=True, seed=12)(0, data, example_index=5)
-  for key in ("base_0_rgb", "left_wrist_0_rgb"):
-    img = a1["image"][key]
-    assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.float32
-    assert img.min() >= -1 and img.max() <= 1
-    np.testing.assert_array_equal(img, a2["image"][key])  # deterministic per (seed, index)
-    assert not np.allclose(img, plain["image"][key], atol=1e-2)  # actually changes the image
-    assert not np.allclose(img, other_index["image"][key], atol=1e-2)
-    assert not np.allclose(img, other_seed["image"][key], atol=1e-2)
-  # Wrist: colors only. Base: geometry changes too (the sharp edge moves).
-  assert _is_function_of_color(plain["image"]["left_wrist_0_rgb"], a1["image"]["left_wrist_0_rgb"])
-  assert not _is_function_of_color(plain["image"]["base_0_rgb"], a1["image"]["base_0_rgb"])
-  # The absent camera stays black and masked; non-image fields are untouched by augmentation.
-  np.testing.assert_array_equal(a1["image"]["right_wrist_0_rgb"], -1.0)
-  for key in ("state", "actions", "tokenized_prompt"):
-    np.testing.assert_array_equal(a1[key], plain[key])
-
-
-def test_color_jitter_factor_ranges():
-  # A gray image stays gray under contrast/saturation; only brightness moves it: 100 * U(0.7, 1.3).
-  gray = np.full((4, 4, 3), 100, np.uint8)
-  vals = [int(transforms.color_jitter(gray, transforms.example_rng(0, i))[0, 0, 0])
-          for i in range(200)]
-  assert 70 <= min(vals) < 75 and 125 < max(vals) <= 130
-  # Saturation alone: a gray-world check of the blend with the grayscale image (ITU-R 601 luma).
-  rgb = np.array([[[200, 50, 100]]], np.uint8)
-  out = transforms.color_jitter(rgb, transforms.example_rng(0, 0)).astype(float)
-  rng = transforms.example_rng(0, 0)
-  b, c, s = rng.uniform(0.7, 1.3), rng.uniform(0.6, 1.4), rng.uniform(0.5, 1.5)
-  x = np.clip(rgb * b, 0, 255)
-  x = np.clip(_luma(x).mean() + c * (x - _luma(x).mean()), 0, 255)  # mean gray of one pixel
-  x = np.clip(_luma(x)[..., None] + s * (x - _luma(x)[..., None]), 0, 255)
-  np.testing.assert_allclose(out, x, atol=3)  # PIL rounds to uint8 after every step
-
-
-def _luma(x):
-  return x @ np.array([0.299, 0.587, 0.114])
-
-
-def test_crop_rotate_keeps_shape_and_dtype():
-  img = np.random.default_rng(5).integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
-  out = transforms.crop_resize_rotate(img, transforms.example_rng(0, 0))
-  assert out.shape == img.shape and out.dtype == np.uint8
 
 
 # ---------------------------------------------------------------------------- errors

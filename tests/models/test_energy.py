@@ -119,6 +119,99 @@ def test_pairwise_never_repeats_context(model, inputs):
   assert (B, S, 4 * HIDDEN) in _all_shapes(jaxpr)
 
 
+@pytest.fixture(scope="module")
+def chunked_fns(model):
+  """Jitted (energies, InfoNCE gradients) of pairwise at a given pair_chunk."""
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(pair_chunk, state, context, mask, actions, dropout_key=None):
+    def loss(state, context):
+      energies = nnx.merge(graphdef, state).pairwise(
+        context, mask, actions, rngs=dropout_key, pair_chunk=pair_chunk
+      )
+      return energy_lib.infonce(energies, 0.5)[0], energies
+
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(state, context)
+
+  return state, run
+
+
+def test_chunked_pairwise_matches_per_pair_calls(fns, chunked_fns, inputs):
+  # One context per chunk (a loop of 3 checkpointed chunks) vs one chunk.
+  _, call, _ = fns
+  state, run = chunked_fns
+  context, mask, actions = inputs
+  grads, got = run(1, state, context, mask, actions)
+  want = np.array([
+    [float(call(state, context[i : i + 1], mask[i : i + 1],
+                actions[j : j + 1])[0]) for j in range(B)]
+    for i in range(B)
+  ])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  want_grads, want_energies = run(B, state, context, mask, actions)
+  np.testing.assert_allclose(got, want_energies, rtol=1e-5, atol=1e-5)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_chunked_pairwise_with_dropout(inputs):
+  model = _make_model(dropout=0.5)
+  context, mask, actions = inputs
+
+  @jax.jit
+  def run(key):
+    return model.pairwise(context, mask, actions, rngs=key, pair_chunk=1)
+
+  first, again, other = map(
+    np.asarray, (run(jax.random.key(0)), run(jax.random.key(0)),
+                 run(jax.random.key(1)))
+  )
+  assert np.all(np.isfinite(first))
+  np.testing.assert_array_equal(first, again)
+  assert not np.allclose(first, other)
+
+
+def test_pair_chunk_choice(model, monkeypatch):
+  # Full-size head (abstract, nothing allocated): B=32 contexts, 816 prefix
+  # tokens, horizon 50 -> several equal chunks.
+  full = nnx.eval_shape(
+    lambda: energy_lib.EnergyModel(2048, 7, rngs=nnx.Rngs(0))
+  )
+  chunk = full.pair_chunk(32, 32 * 50, 816)
+  assert 32 % chunk == 0 and 32 // chunk >= 4
+  assert chunk * 32 * 50 * 8 * 816 <= energy_lib._PAIR_CHUNK_ELEMENTS
+  # Small inputs fit one chunk; a prime batch falls back to a divisor.
+  assert model.pair_chunk(B, B * H, S) == B
+  bound = 2 * B * H * 4 * HIDDEN  # two contexts' head activations
+  monkeypatch.setattr(energy_lib, "_PAIR_CHUNK_ELEMENTS", bound)
+  assert model.pair_chunk(4, B * H, S) == 2
+  assert model.pair_chunk(B, B * H, S) == 1
+
+
+def test_chunked_pairwise_holds_one_chunk_of_logits(model, inputs):
+  graphdef, state = nnx.split(model)
+  context, mask, actions = inputs
+
+  def pairwise(state, context):
+    return nnx.merge(graphdef, state).pairwise(
+      context, mask, actions, pair_chunk=1
+    )
+
+  shapes = _all_shapes(jax.make_jaxpr(pairwise)(state, context).jaxpr)
+  assert (1, HEADS, B * H, S) in shapes  # attention logits of one chunk
+  assert (B, HEADS, B * H, S) not in shapes
+
+
+def test_bad_pair_chunk(model, inputs):
+  context, mask, actions = inputs
+  with pytest.raises(ValueError, match="pair_chunk"):
+    model.pairwise(context, mask, actions, pair_chunk=0)
+  with pytest.raises(ValueError, match="pair_chunk 2 must divide"):
+    model.pairwise(context, mask, actions, pair_chunk=2)
+
+
 def test_padded_context_has_no_influence(fns, inputs):
   state, call, pairwise = fns
   context, mask, actions = inputs
