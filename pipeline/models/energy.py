@@ -398,9 +398,9 @@ class EnergyModel(nnx.Module):
     dropout_keys = (
       None if rngs is None else jax.random.split(dropout_key, num_chunks)
     )
-    # A loop (not unrolled) over checkpointed chunks: the forward keeps one
-    # chunk's per-pair tensors at a time, and the backward recomputes them
-    # one chunk at a time instead of storing all of them.
+    # A loop over checkpointed chunks: the forward keeps one chunk's per-pair
+    # tensors at a time and the backward recomputes them chunk by chunk. (A
+    # Python loop would be unrolled, and XLA then keeps all chunks alive.)
     chunks = tuple(map(in_chunks, (keys, values, context_mask)))
     energies = jax.lax.map(
       jax.checkpoint(energies_of_chunk), (*chunks, dropout_keys)
