@@ -5,10 +5,11 @@
   python -m pipeline.bench checkpoint [--size=mid] [--json]
   python -m pipeline.bench step [--size=mid] [--peak_tflops=X] [--json]
 
-energy      FLOPs and peak temporary memory of compiled train steps (abstract shapes only, nothing
-            is allocated): (a) no energy head, (b) joint mode, (c) joint mode with a naive head
-            that repeats the context B times, (d) energy-only; the head alone, pairwise vs naive;
-            and wall-clock steps of (a), (b), (c) at --time_size.
+energy      FLOPs (counted from the jaxpr, see count_flops) and peak temporary memory of compiled
+            train steps (abstract shapes only, nothing is allocated): (a) no energy head, (b) joint
+            mode, (c) joint mode with a naive head that repeats the context B times, (d)
+            energy-only; the head alone, pairwise vs naive; and wall-clock steps of (a), (b), (c)
+            at --time_size.
 loader      samples/s of the full Grain train chain vs decode-only, per worker count.
 checkpoint  how long the loop is blocked by an async save vs a synchronous save of one state.
 step        steps/s, tokens/s and MFU of the joint and energy-only steps on the present device.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -34,6 +36,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.extend.core  # `import jax` alone does not load jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -235,15 +238,98 @@ def random_batch(model_config, batch: int, seed: int = 0) -> dict:
   return out
 
 
-def compiled_cost(compiled) -> dict[str, float]:
-  """FLOPs, bytes accessed and peak temporary memory of a compiled executable."""
+def _sub_jaxprs(value):
+  """The jaxprs inside one eqn param value (a jaxpr, a closed jaxpr, or a tuple of them)."""
+  if isinstance(value, jax.extend.core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, jax.extend.core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def _while_trip_count(eqn) -> int | None:
+  """Trip count of a fori_loop-shaped while with literal bounds, else None.
+
+  fori_loop with traced bounds lowers to a while with carry (i, upper, ...) and cond i < upper.
+  """
+  cond = eqn.params["cond_jaxpr"].jaxpr
+  nconst = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
+  carry = eqn.invars[nconst:]
+  if len(cond.eqns) != 1 or cond.eqns[0].primitive.name != "lt" or len(carry) < 2:
+    return None
+  cond_carry = cond.invars[eqn.params["cond_nconsts"]:]
+  if list(cond.eqns[0].invars) != list(cond_carry[:2]):
+    return None
+  lo, hi = carry[:2]
+  if not all(isinstance(v, jax.extend.core.Literal) for v in (lo, hi)):
+    return None
+  return max(0, int(hi.val) - int(lo.val))
+
+
+def _jaxpr_flops(jaxpr, stats: dict[str, int]) -> float:
+  """Matmul / conv FLOPs of a jaxpr; counts unknown-trip-count whiles in stats."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      batch = math.prod([lhs[d] for d in lb])
+      contract = math.prod([lhs[d] for d in lc])
+      lhs_free = math.prod([n for d, n in enumerate(lhs) if d not in (*lc, *lb)])
+      rhs_free = math.prod([n for d, n in enumerate(rhs) if d not in (*rc, *rb)])
+      total += 2.0 * batch * lhs_free * rhs_free * contract
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feat, in feat, *spatial)
+      # The kernel's in-feature dim is already in_features / feature_group_count.
+      per_out = rhs[rhs_spec[1]] * math.prod([rhs[d] for d in rhs_spec[2:]])
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_out
+    elif name == "scan":
+      total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr, stats)
+    elif name == "while":
+      trips = _while_trip_count(eqn)
+      if trips is None:
+        stats["uncounted_while"] += 1
+        trips = 1
+      body = _jaxpr_flops(eqn.params["body_jaxpr"].jaxpr, stats)
+      cond = _jaxpr_flops(eqn.params["cond_jaxpr"].jaxpr, stats)
+      total += trips * (body + cond) + cond
+    elif name == "cond":
+      total += max(_jaxpr_flops(b.jaxpr, stats) for b in eqn.params["branches"])
+    else:
+      # pjit, closed_call, remat, custom_jvp/vjp calls, shard_map, ...: their sub-jaxprs once.
+      for value in eqn.params.values():
+        for sub in _sub_jaxprs(value):
+          total += _jaxpr_flops(sub, stats)
+  return total
+
+
+def count_flops(fn: Callable[..., Any], *args) -> dict[str, float]:
+  """Matmul and conv FLOPs of fn(*args) from its jaxpr, loops counted once per iteration.
+
+  XLA's cost_analysis counts a loop body (scan, while, lax.map) once, which undercounts scanned
+  layer stacks. args may be jax.ShapeDtypeStructs. Returns {"flops", "uncounted_while"}: the
+  number of while loops with an unknown trip count, whose body is counted once.
+  """
+  stats = {"uncounted_while": 0}
+  flops = _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr, stats)
+  return {"flops": float(flops), "uncounted_while": stats["uncounted_while"]}
+
+
+def compiled_cost(compiled, counted: dict[str, float]) -> dict[str, float]:
+  """FLOPs (counted from the jaxpr), XLA's FLOPs and peak temporary memory of an executable."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
     cost = cost[0]
   cost = cost or {}
   mem = compiled.memory_analysis()
   return {
-      "flops": float(cost.get("flops", float("nan"))),
+      "flops": float(counted["flops"]),
+      "uncounted_while": int(counted["uncounted_while"]),
+      "xla_flops_loop_bodies_once": float(cost.get("flops", float("nan"))),
       "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
       "temp_bytes": float(getattr(mem, "temp_size_in_bytes", float("nan"))),
       "argument_bytes": float(getattr(mem, "argument_size_in_bytes", float("nan"))),
@@ -262,26 +348,29 @@ def make_trainer(size: str, mode: str, batch: int):
   return trainer
 
 
-def compile_train_step(trainer) -> tuple[Any, float]:
-  """The trainer's jitted step compiled from abstract state and batch; (compiled, seconds)."""
+def compile_train_step(trainer) -> tuple[Any, float, dict[str, float]]:
+  """The trainer's jitted step compiled from abstract state and batch.
+
+  Returns (compiled, seconds, count_flops of the step).
+  """
   t0 = time.perf_counter()
   batch = abstract_batch(trainer.config.model, trainer.config.batch_size, trainer.batch_sharding)
   compiled = trainer.train_step.lower(trainer.abstract_state, batch).compile()
-  return compiled, time.perf_counter() - t0
+  seconds = time.perf_counter() - t0
+  return compiled, seconds, count_flops(trainer.train_step, trainer.abstract_state, batch)
 
 
-# (size, mode, batch) -> (trainer, compiled step): one compile per step shape and process, shared
-# by the commands (the energy and step benches compile the same joint / energy-only steps).
-_COMPILED: dict[tuple[str, str, int], tuple[Any, Any, float]] = {}
+# (size, mode, batch) -> (trainer, compiled step, ...): one compile per step shape and process,
+# shared by the commands (the energy and step benches compile the same joint / energy-only steps).
+_COMPILED: dict[tuple[str, str, int], tuple[Any, Any, float, dict[str, float]]] = {}
 
 
-def compiled_step(size: str, mode: str, batch: int) -> tuple[Any, Any, float]:
-  """(trainer, compiled train step, compile seconds), compiled once per process."""
+def compiled_step(size: str, mode: str, batch: int) -> tuple[Any, Any, float, dict[str, float]]:
+  """(trainer, compiled train step, compile seconds, counted FLOPs), once per process."""
   key = (size, mode, batch)
   if key not in _COMPILED:
     trainer = make_trainer(size, mode, batch)
-    compiled, seconds = compile_train_step(trainer)
-    _COMPILED[key] = (trainer, compiled, seconds)
+    _COMPILED[key] = (trainer, *compile_train_step(trainer))
   return _COMPILED[key]
 
 
@@ -290,8 +379,8 @@ def step_costs(size: str, batch: int, modes: Sequence[str] = MODES,
   """Compiled cost of each mode's train step; also returns {mode: (trainer, compiled)}."""
   out, compiled_steps = {}, {}
   for mode in modes:
-    trainer, compiled, seconds = compiled_step(size, mode, batch)
-    out[mode] = compiled_cost(compiled)
+    trainer, compiled, seconds, counted = compiled_step(size, mode, batch)
+    out[mode] = compiled_cost(compiled, counted)
     out[mode]["compile_s"] = seconds
     compiled_steps[mode] = (trainer, compiled)
     log(f"  compiled {mode} train step at size={size} batch={batch}: "
@@ -338,9 +427,10 @@ def head_costs(size: str, batch: int) -> dict[str, dict]:
 
     train_fn = jax.value_and_grad(loss, argnums=(0, 1))
     name = "naive" if naive else "pairwise"
+    args = (state, context, mask, actions)
     out[name] = {
-        "fwd": compiled_cost(jax.jit(energies).lower(state, context, mask, actions).compile()),
-        "train": compiled_cost(jax.jit(train_fn).lower(state, context, mask, actions).compile()),
+        kind: compiled_cost(jax.jit(fn).lower(*args).compile(), count_flops(fn, *args))
+        for kind, fn in (("fwd", energies), ("train", train_fn))
     }
   return out
 
@@ -580,8 +670,8 @@ def bench_step(size: str = "mid", batch: int | None = None, steps: int = 3,
   result: dict[str, Any] = {"command": "step", "device": device_kind(), "size": size,
                             "batch": batch, "peak_tflops": peak}
   for mode in ("joint", "energy_only"):
-    trainer, compiled, _ = compiled_step(size, mode, batch)
-    flops = compiled_cost(compiled)["flops"]
+    trainer, compiled, _, counted = compiled_step(size, mode, batch)
+    flops = counted["flops"]
     timed = time_train_steps({mode: (trainer, compiled)}, steps)[mode]
     m = trainer.config.model
     # Tokens through the LLM per example: prefix, plus the suffix (state + actions) when the
@@ -613,12 +703,15 @@ def format_table(result: dict[str, Any]) -> str:
   cmd = result["command"]
   lines = [f"== bench {cmd} on {result['device']}"]
   if cmd == "energy":
-    lines.append(f"train step at size={result['size']} batch={result['batch']} "
-                 "(compiled cost_analysis / memory_analysis):")
-    lines.append(f"  {'mode':<12} {'GFLOPs':>12} {'temp MiB':>10}")
+    lines.append(f"train step at size={result['size']} batch={result['batch']} (GFLOPs: "
+                 "matmul/conv FLOPs counted from the jaxpr, loops x iterations; temp: compiled "
+                 "memory_analysis):")
+    lines.append(f"  {'mode':<12} {'GFLOPs':>12} {'temp MiB':>10}   XLA cost_analysis GFLOPs "
+                 "(loop bodies counted once)")
     for mode in MODES:
       s = result["steps"][mode]
-      lines.append(f"  {mode:<12} {s['flops'] / 1e9:>12.2f} {s['temp_bytes'] / 2**20:>10.1f}")
+      lines.append(f"  {mode:<12} {s['flops'] / 1e9:>12.2f} {s['temp_bytes'] / 2**20:>10.1f}   "
+                   f"{s['xla_flops_loop_bodies_once'] / 1e9:.2f}")
     lines.append(f"  overhead (b-a)/a            {result['overhead']:.3%}")
     lines.append(f"  naive overhead (c-a)/a      {result['naive_overhead']:.3%}")
     lines.append(f"  energy-only / joint  d/b    {result['energy_only_over_joint']:.3f}")
@@ -632,6 +725,9 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{result[f'head_naive_over_pairwise_temp_{kind}']:.1f}x")
     lines.append(f"  head train FLOPs / no-head step FLOPs "
                  f"{result['head_train_flops_over_no_head_step']:.3%}")
+    uncounted = sum(s["uncounted_while"] for s in result["steps"].values())
+    if uncounted:
+      lines.append(f"  WARNING: {uncounted} while loops of unknown trip count counted once")
     if "timed" in result:
       t = result["timed"]
       lines.append(f"wall clock at size={t['size']} batch={t['batch']} (median of {t['steps']}):")
