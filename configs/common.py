@@ -35,7 +35,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"
   m.remat = True
   m.energy_head = True
-  # Mode flags: monitor = (False, False); joint = (True, False); energy_only = (True, True).
+  # Modes: monitor = both False; joint = use_energy_loss; energy only = train_only_energy_model
+  # (which wins over use_energy_loss).
   m.use_energy_loss = False
   m.train_only_energy_model = False
   m.energy_hidden = 512
@@ -126,18 +127,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Tiny model, synthetic data in the workdir, fast schedule: trains on a 2-core CPU."""
+def tiny_model(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The smoke model (about 113k params): trains on a 2-core CPU in seconds."""
   from pipeline.data import tokenizer  # pylint: disable=g-import-not-at-top
 
-  c.batch_size = 16
-  c.num_train_steps = 300
-  c.log_every = 10
-  c.eval_every = 100
-  c.eval_batches = 2
-  c.save_every = 100
-
-  m = c.model
   m.paligemma_variant = "tiny"
   m.action_expert_variant = "tiny"
   m.vision_variant = "tiny"
@@ -150,6 +143,21 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.energy_hidden = 32
   m.energy_heads = 2
   m.energy_layers = 1
+  return m
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Tiny model, synthetic data in the workdir, fast schedule: trains on a 2-core CPU."""
+  from pipeline.data import tokenizer  # pylint: disable=g-import-not-at-top
+
+  c.batch_size = 16
+  c.num_train_steps = 300
+  c.log_every = 10
+  c.eval_every = 100
+  c.eval_batches = 2
+  c.save_every = 100
+
+  tiny_model(c.model)
 
   d = c.data
   d.source_dir = "{workdir}/synthetic_source"

@@ -91,6 +91,8 @@ def model_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.C
         horizon 50, head 128 wide; f32 (CPU).
   tiny: the smoke model (seconds on CPU).
   """
+  from configs import common  # pylint: disable=g-import-not-at-top
+
   if size not in SIZES:
     raise ValueError(f"size must be one of {SIZES}, got {size!r}")
   m = config.model
@@ -108,18 +110,7 @@ def model_size(config: ml_collections.ConfigDict, size: str) -> ml_collections.C
     m.energy_heads = 4
     m.energy_layers = 2
     return config
-  m.paligemma_variant = "tiny"
-  m.action_expert_variant = "tiny"
-  m.vision_variant = "tiny"
-  m.image_size = 32
-  m.action_horizon = 10
-  m.max_token_len = 16
-  m.vocab_size = 512
-  m.dtype = "float32"
-  m.remat = False
-  m.energy_hidden = 32
-  m.energy_heads = 2
-  m.energy_layers = 1
+  common.tiny_model(m)
   return config
 
 
