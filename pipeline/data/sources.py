@@ -382,6 +382,18 @@ class _LeRobotBase(Source):
                    wrist_image=images["wrist_image"], state=state, actions=actions,
                    task_index=task_index, prompt=prompt, path=path)
 
+  def tasks(self):
+    return dict(self._tasks)  # set by each version's __init__
+
+  @staticmethod
+  def _file_error(ref, what: str) -> BadEpisodeError:
+    return BadEpisodeError(f"{ref.path}: episode {ref.episode_index}: {what}",
+                           episode_index=ref.episode_index, path=ref.path, field="file")
+
+  def _require_file(self, ref) -> None:
+    if not os.path.isfile(ref.path):
+      raise self._file_error(ref, "parquet file is missing")
+
   @staticmethod
   def _image_column(table, key, bad) -> list:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
@@ -434,9 +446,6 @@ class LeRobotV2Source(_LeRobotBase):
                           "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet")
     self._chunks_size = int(self.info.get("chunks_size") or 1000)
 
-  def tasks(self):
-    return dict(self._tasks)
-
   def episode_refs(self):
     episodes_path = self.root / "meta" / "episodes.jsonl"
     if episodes_path.is_file():
@@ -464,16 +473,13 @@ class LeRobotV2Source(_LeRobotBase):
 
   def read_episode(self, ref):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    if not os.path.isfile(ref.path):
-      raise BadEpisodeError(f"{ref.path}: episode {ref.episode_index}: parquet file is missing",
-                            episode_index=ref.episode_index, path=ref.path, field="file")
+    self._require_file(ref)
     try:
       pf = pq.ParquetFile(ref.path)
       present = set(pf.schema_arrow.names)
       table = pf.read(columns=[c for c in self._columns() if c in present])
     except Exception as e:  # pyarrow raises several types for damaged files
-      raise BadEpisodeError(f"{ref.path}: episode {ref.episode_index}: unreadable parquet: {e}",
-                            episode_index=ref.episode_index, path=ref.path, field="file") from e
+      raise self._file_error(ref, f"unreadable parquet: {e}") from e
     return self._episode_from_table(table, ref.episode_index, ref.path, self._tasks)
 
 
@@ -501,9 +507,6 @@ class LeRobotV3Source(_LeRobotBase):
                            table.column(text_cols[0]).to_pylist()))
     self._data_path = str(self.info.get("data_path") or
                           "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet")
-
-  def tasks(self):
-    return dict(self._tasks)
 
   def episode_refs(self):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
@@ -542,9 +545,7 @@ class LeRobotV3Source(_LeRobotBase):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     start, stop = ref.location
-    if not os.path.isfile(ref.path):
-      raise BadEpisodeError(f"{ref.path}: episode {ref.episode_index}: parquet file is missing",
-                            episode_index=ref.episode_index, path=ref.path, field="file")
+    self._require_file(ref)
     try:
       pf = pq.ParquetFile(ref.path)
       present = set(pf.schema_arrow.names)
@@ -570,8 +571,7 @@ class LeRobotV3Source(_LeRobotBase):
     except BadEpisodeError:
       raise
     except Exception as e:  # pyarrow raises several types for damaged files
-      raise BadEpisodeError(f"{ref.path}: episode {ref.episode_index}: unreadable parquet: {e}",
-                            episode_index=ref.episode_index, path=ref.path, field="file") from e
+      raise self._file_error(ref, f"unreadable parquet: {e}") from e
     return self._episode_from_table(table, ref.episode_index, ref.path, self._tasks)
 
 
