@@ -578,13 +578,33 @@ def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
       shutil.rmtree(tmp, ignore_errors=True)
   for row in rows:
     row["full_over_decode"] = _ratio(row["full_samples_per_s"], row["decode_samples_per_s"])
+    row["host_resize_over_decode"] = _ratio(row["full_host_resize_samples_per_s"],
+                                            row["decode_samples_per_s"])
   result = {"command": "loader", "device": device_kind(), "host_cpus": os.cpu_count(),
             "dataset_dir": "synthetic (temp)" if tmp else str(dataset_dir),
             "image_size": c.model.image_size, "source_image_size": source_image_size,
             "batch": batch, "num_batches": num_batches,
-            "num_threads": num_threads, "rows": rows}
+            "num_threads": num_threads, "rows": rows,
+            "device_resize_ms_per_batch": 1e3 * time_device_resize(
+                batch, source_image_size, c.model.image_size)}
   result["targets"] = {"full_ge_0.7x_decode": all(r["full_over_decode"] >= 0.7 for r in rows)}
   return result
+
+
+def time_device_resize(batch: int, source_size: int, size: int, repeats: int = 5) -> float:
+  """Seconds (median) the device takes to fit one batch of two uint8 cameras to the model size."""
+  from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
+
+  images = {k: jnp.zeros((batch, source_size, source_size, 3), jnp.uint8)
+            for k in ("base_0_rgb", "left_wrist_0_rgb")}
+  fit = jax.jit(functools.partial(pi0.fit_images, size=size))
+  _block(fit(images))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    _block(fit(images))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def bench_checkpoint(size: str = "mid", batch: int | None = None, saves: int = 5,
@@ -728,11 +748,15 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{result['timed_naive_overhead']:.2%}")
   elif cmd == "loader":
     lines.append(f"batch {result['batch']}, image {result['image_size']} px (source "
-                 f"{result['source_image_size']} px); augmentation runs on the device, not here")
+                 f"{result['source_image_size']} px); resize and augmentation run on the device")
     for r in result["rows"]:
       lines.append(f"  workers={r['workers']}: full {r['full_samples_per_s']:.1f} samples/s, "
                    f"decode-only {r['decode_samples_per_s']:.1f} samples/s, ratio "
-                   f"{r['full_over_decode']:.2f}")
+                   f"{r['full_over_decode']:.2f} (resizing on the host: "
+                   f"{r['full_host_resize_samples_per_s']:.1f} samples/s, ratio "
+                   f"{r['host_resize_over_decode']:.2f})")
+    lines.append(f"  device resize of a batch's two cameras: "
+                 f"{result['device_resize_ms_per_batch']:.1f} ms on {result['device']}")
   elif cmd == "checkpoint":
     lines.append(f"state {result['state_mib']:.1f} MiB in {result['num_arrays']} arrays, median "
                  f"of {result['saves']} saves")

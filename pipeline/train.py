@@ -42,6 +42,7 @@ from pipeline import metrics as metrics_lib
 from pipeline import optim
 from pipeline import sharding as sharding_lib
 from pipeline.data import augment as augment_lib
+from pipeline.models import pi0 as pi0_lib
 
 ENERGY_METRICS = ("energy_loss", "E_pos", "E_neg", "energy_accuracy")
 
@@ -61,9 +62,7 @@ class TrainState:
 
 
 def build_model(model_config, rngs: nnx.Rngs):
-  from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
-
-  return pi0.build_model(model_config, rngs)
+  return pi0_lib.build_model(model_config, rngs)
 
 
 class ModelParts:
@@ -154,7 +153,11 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, mask: d
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if augment:
-      # A separate stream from the loss's, keyed per example by position in the global batch.
+      # openpi's order: fit the images to the model size first (the loader may ship them at
+      # their stored size), then augment. A separate stream from the loss's, keyed per example
+      # by position in the global batch.
+      size = parts.model_config.image_size
+      batch = dict(batch, image=pi0_lib.fit_images(batch["image"], size))
       batch = augment_lib.augment_observation(jax.random.fold_in(rng, 0x617567), batch, train=True)
     trainable, frozen = optim.split(state.params, mask)
     (loss, metrics), grads = grads_fn(trainable, frozen, rng, batch)

@@ -3,9 +3,12 @@
 Train: records of the train episodes -> global shuffle by seed -> repeat forever -> this process's
 stride [process_index::process_count] of the global order -> decode + transform (threads, and
 worker processes when num_workers > 0) -> per-process batch. Every process shuffles identically, so
-the strides are disjoint and together cover the global order. Images leave the host as uint8 at the
-model size; training augmentation runs on the device in the train step (pipeline.data.augment,
-keyed by step and position in the global batch), so the host chain stays close to decode cost.
+the strides are disjoint and together cover the global order. Images leave the host as uint8 at
+their stored size (the dataset's first record sets it per camera; other frames are resized to it):
+the model resizes them with padding to its size on the device (config.data.resize_on_device=False
+does that on the host instead). Training augmentation also runs on the device in the train step
+(pipeline.data.augment, keyed by step and position in the global batch), so the host chain stays
+close to decode cost.
 
 Eval: records of the held-out episodes in one fixed shuffled order (so a batch mixes episodes), once
 (optionally repeated); the split is truncated to whole global batches so every
@@ -58,6 +61,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       eval_repeat=False,  # eval iterates once unless True
       shuffle_seed=0,  # global shuffle order
       augment=True,  # device-side training augmentation in the train step (never in eval)
+      resize_on_device=True,  # ship images at their stored size; False: resize on the host
       num_workers=4,  # decoding worker processes per host (0: threads in the main process)
       num_threads=4,  # reader threads, each building whole batches (per worker process)
       prefetch=4,  # batches read ahead by the reader threads (per worker process)
@@ -105,6 +109,12 @@ class DatasetInfo:
     covered = int((self.episodes[:, 2] - self.episodes[:, 1]).sum())
     if len(rows) == 0 or covered != self.num_records:
       raise ValueError(f"{path}: episodes cover {covered} records, shards hold {self.num_records}")
+
+  def stored_image_shapes(self) -> dict[str, tuple[int, int]]:
+    """(height, width) of each camera in the first record, read from the image headers."""
+    frame = records.decode_frame(grain.sources.ArrayRecordDataSource(self.shard_paths[:1])[0])
+    return {key: transforms.image_shape(frame[field], field=field)
+            for key, field in transforms.CAMERA_FIELDS.items() if field is not None}
 
   def record_indices(self, episode_rows: np.ndarray) -> np.ndarray:
     """Global record indices of the given episode rows, in record order."""
@@ -231,9 +241,17 @@ def make_frame_transform(config: ml_collections.ConfigDict, *,
   if info is not None and info.action_horizon and info.action_horizon < m.action_horizon:
     raise ValueError(f"model.action_horizon={m.action_horizon} exceeds the dataset's stored chunk "
                      f"length {info.action_horizon} ({info.directory}/{MANIFEST})")
+  image_shapes = None
+  if info is not None and _cfg(config, "resize_on_device"):
+    try:
+      image_shapes = info.stored_image_shapes()
+    except records.RecordError as e:
+      # That record fails again, with its location, when the loader reaches it.
+      _log.warning("%s: first record unreadable (%s); resizing images on the host",
+                   info.directory, e)
   return transforms.FrameTransform(
       norm_stats=transforms.load_norm_stats(_norm_stats_path(config)),
-      tokenizer_path=tokenizer_path, image_size=m.image_size,
+      tokenizer_path=tokenizer_path, image_size=m.image_size, image_shapes=image_shapes,
       action_dim=m.action_dim, action_horizon=m.action_horizon, max_token_len=m.max_token_len,
       normalization=_cfg(config, "normalization"),
       describe=RecordLocator(info) if info else None,
@@ -356,20 +374,27 @@ def bench_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
                  workers: Sequence[int] = (0, 1, 2)) -> list[dict[str, float]]:
   """Samples/s of the full train chain vs image decoding alone, per worker count.
 
-  Both pipelines read the same shuffled records with the same threads and batch size; the decode
-  baseline only unpacks the record and decodes its two images. The full chain holds no
+  All pipelines read the same shuffled records with the same threads and batch size; the decode
+  baseline only unpacks the record and decodes its two images. "full" is the train chain as
+  configured (images shipped at their stored size when config.data.resize_on_device), and
+  "full_host_resize" the same chain resizing on the host, for reference. Neither holds
   augmentation: config.data.augment acts on the device, in the train step.
-  Returns rows {workers, full_samples_per_s, decode_samples_per_s}; also prints them.
+  Returns rows {workers, <pipeline>_samples_per_s}; also prints them.
   """
   info = DatasetInfo(config.data.dataset_dir)
   per_process = _check_process(config, 0, 1)
   transform = make_frame_transform(config, info=info)
+  host_config = config.copy_and_resolve_references()
+  host_config.data.resize_on_device = False
+  host_transform = make_frame_transform(host_config, info=info)
+  pipelines = (("full", _Apply(transform, False)),
+               ("full_host_resize", _Apply(host_transform, False)), ("decode", _decode_only))
   read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"),
                            prefetch_buffer_size=_cfg(config, "prefetch"))
   rows = []
   for num_workers in workers:
     row = {"workers": num_workers}
-    for name, fn in (("full", _Apply(transform, False)), ("decode", _decode_only)):
+    for name, fn in pipelines:
       ds = _split_map_dataset(config, info, "train", 0, 1, per_process).map(fn)
       it = ds.batch(per_process, drop_remainder=True).to_iter_dataset(read_options=read)
       if num_workers > 0:
@@ -385,7 +410,8 @@ def bench_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
         if close:
           close()
       row[f"{name}_samples_per_s"] = num_batches * per_process / seconds
-    print(f"loader workers={num_workers}: full chain {row['full_samples_per_s']:.1f} samples/s, "
-          f"decode only {row['decode_samples_per_s']:.1f} samples/s")
+    print(f"loader workers={num_workers}: full chain {row['full_samples_per_s']:.1f} samples/s "
+          f"({row['full_host_resize_samples_per_s']:.1f} resizing on the host), decode only "
+          f"{row['decode_samples_per_s']:.1f} samples/s")
     rows.append(row)
   return rows

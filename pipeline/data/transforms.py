@@ -1,7 +1,8 @@
 """Per-frame transforms: a prepared record (bytes) -> one example of the model's batch format.
 
 Order follows openpi's pi0 LIBERO chain up to the device: decode images -> resize-with-pad to the
-model size, kept as uint8 (the model scales to [-1, 1] inside the jit); normalize state/actions
+shipped size (the model's, or the stored one when the model resizes on the device), kept as uint8
+(the model scales to [-1, 1] inside the jit); normalize state/actions
 with the norm stats, then zero-pad them to the model's action_dim (so padded dims are exactly 0);
 tokenize the prompt. Training augmentation is not done here: it runs on the device inside the
 train step (pipeline.data.augment), as in openpi, where it is cheap.
@@ -41,6 +42,16 @@ def decode_image(data: bytes, *, field: str = "image") -> np.ndarray:
   except Exception as e:  # PIL raises several unrelated types for bad data
     raise records.RecordError(
         f"field {field!r}: cannot decode image ({len(data)} bytes): {e}") from e
+
+
+def image_shape(data: bytes, *, field: str = "image") -> tuple[int, int]:
+  """(height, width) of PNG/JPEG bytes from the header alone; RecordError naming the field."""
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      width, height = img.size
+  except Exception as e:  # PIL raises several unrelated types for bad data
+    raise records.RecordError(f"field {field!r}: cannot read the image header: {e}") from e
+  return height, width
 
 
 def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -157,6 +168,8 @@ class FrameTransform:
     norm_stats: output of load_norm_stats; must hold "state" and "actions".
     tokenizer_path: sentencepiece model (local path or URL).
     image_size: side of the square model images.
+    image_shapes: {camera key: (height, width)} to ship that camera at instead of the model
+      size (frames of another size are resized to it); the model then resizes on the device.
     action_dim: model action/state dim after zero-padding.
     action_horizon: number of action steps kept (the first ones of the record's chunk).
     max_token_len: prompt length after padding/truncation.
@@ -168,7 +181,9 @@ class FrameTransform:
   """
 
   def __init__(self, *, norm_stats: dict, tokenizer_path: str, image_size: int, action_dim: int,
-               action_horizon: int, max_token_len: int, normalization: str = "zscore",
+               action_horizon: int, max_token_len: int,
+               image_shapes: dict[str, tuple[int, int]] | None = None,
+               normalization: str = "zscore",
                describe: Callable[[int], str] | None = None, delta_action_dims: int = 0):
     if normalization not in NORMALIZATIONS:
       raise ValueError(f"config.data.normalization must be one of {NORMALIZATIONS}, "
@@ -179,6 +194,7 @@ class FrameTransform:
     self.norm_stats = norm_stats
     self.tokenizer = tokenizer_lib.PromptTokenizer(tokenizer_path, max_token_len)
     self.image_size = int(image_size)
+    self.image_shapes = {key: (int(h), int(w)) for key, (h, w) in (image_shapes or {}).items()}
     self.action_dim = int(action_dim)
     self.action_horizon = int(action_horizon)
     self.normalization = normalization
@@ -218,7 +234,8 @@ class FrameTransform:
         img = decode_image(frame[field], field=field)
       except records.RecordError as e:
         raise records.RecordError(f"{ep}: {e}") from e
-      images[key] = resize_with_pad(img, size, size)  # uint8; the model scales it
+      # uint8; the model scales it (and resizes it when shipped at the stored size).
+      images[key] = resize_with_pad(img, *self.image_shapes.get(key, (size, size)))
       masks[key] = np.bool_(True)
 
     state = self._array(frame, "state", ep, ndim=1)

@@ -29,6 +29,43 @@ from pipeline.models import siglip
 IMAGE_KEYS = ('base_0_rgb', 'left_wrist_0_rgb', 'right_wrist_0_rgb')
 
 
+def scale_image(image: jax.Array) -> jax.Array:
+  """The model's input range: uint8 -> x / 255 * 2 - 1; float (already in [-1, 1]) -> f32."""
+  if image.dtype == jnp.uint8:
+    return image.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+  return image.astype(jnp.float32)
+
+
+def resize_with_pad(images: jax.Array, height: int, width: int) -> jax.Array:
+  """Fits [B, h, w, C] images into [B, height, width, C] on the device.
+
+  Keeps the aspect ratio: scaled size floor(side / ratio) with ratio =
+  max(w / width, h / height), bilinear with PIL's antialiasing when shrinking,
+  centered on black; the same geometry as the host's
+  `pipeline.data.transforms.resize_with_pad`, so a loader may ship images at
+  their stored size and leave the resize to the accelerator. Returns float32
+  in [-1, 1] (uint8 input is scaled first).
+  """
+  images = scale_image(images)
+  b, h, w, c = images.shape
+  if (h, w) == (height, width):
+    return images
+  ratio = max(w / width, h / height)
+  new_h, new_w = int(h / ratio), int(w / ratio)
+  resized = jax.image.resize(images, (b, new_h, new_w, c), method='linear',
+                             antialias=True)
+  top, left = (height - new_h) // 2, (width - new_w) // 2
+  pad = ((0, 0), (top, height - new_h - top), (left, width - new_w - left),
+         (0, 0))
+  return jnp.pad(resized, pad, constant_values=-1.0)
+
+
+def fit_images(images: Mapping[str, Any], size: int) -> dict[str, jax.Array]:
+  """`resize_with_pad` of every camera of a batch to size x size."""
+  return {key: resize_with_pad(jnp.asarray(image), size, size)
+          for key, image in images.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Pi0Config:
   """Model hyper-parameters (the `config.model` section)."""
@@ -170,9 +207,10 @@ class Pi0(nnx.Module):
   def check_observation(self, obs: Mapping[str, Any]) -> dict:
     """Validates an observation batch; returns it normalised.
 
-    Images become float in [-1, 1] (uint8 accepted), absent image masks
-    become all-True, prompts longer than max_token_len are truncated with a
-    warning (openpi behaviour).
+    Images become float in [-1, 1] (uint8 accepted) of the model's size
+    (other sizes are resized with padding, as openpi does on the device),
+    absent image masks become all-True, prompts longer than max_token_len are
+    truncated with a warning (openpi behaviour).
     """
     if not isinstance(obs, Mapping):
       raise TypeError(f'observation must be a dict, got {type(obs).__name__}.')
@@ -186,19 +224,16 @@ class Pi0(nnx.Module):
     b = state.shape[0]
     images, image_masks = {}, {}
     given_masks = obs.get('image_mask') or {}
-    expected = (b, self.image_size, self.image_size, 3)
     for key in IMAGE_KEYS:
       if key not in obs['image']:
         raise KeyError(f"observation['image'] is missing '{key}' (has "
                        f"{sorted(obs['image'])}; expected {list(IMAGE_KEYS)}).")
       img = jnp.asarray(obs['image'][key])
-      if img.shape != expected:
+      if img.ndim != 4 or img.shape[0] != b or img.shape[-1] != 3:
         raise ValueError(f"observation['image']['{key}'] has shape "
-                         f'{img.shape}, expected {expected} (model.image_size='
-                         f'{self.image_size}).')
-      if img.dtype == jnp.uint8:
-        img = img.astype(jnp.float32) / 255.0 * 2.0 - 1.0
-      images[key] = img.astype(jnp.float32)
+                         f'{img.shape}, expected [{b}, H, W, 3] (resized to '
+                         f'model.image_size={self.image_size}).')
+      images[key] = resize_with_pad(img, self.image_size, self.image_size)
       if key in given_masks:
         mask = jnp.asarray(given_masks[key]).astype(bool)
         if mask.shape != (b,):

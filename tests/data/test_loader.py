@@ -15,6 +15,8 @@ from pipeline.data import prepare
 from pipeline.data import records
 from pipeline.data import tokenizer
 from pipeline.data import transforms
+from pipeline.models import pi0
+from tests.data.conftest import PREPARED_IMAGE_SIZE
 
 SIZE, ACTION_DIM, HORIZON, MAX_LEN = 16, 32, 4, 24
 
@@ -25,8 +27,11 @@ def _png(img):
   return buf.getvalue()
 
 
-def _write_small_dataset(directory, episode_lengths, *, corrupt=()):
-  """A hand-written prepared dataset (2 shards) whose records in `corrupt` hold a broken image."""
+def _write_small_dataset(directory, episode_lengths, *, corrupt=(), image_hw=lambda i: (20, 24)):
+  """A hand-written prepared dataset (2 shards) whose records in `corrupt` hold a broken image.
+
+  image_hw(record index) is the size of that record's base camera image.
+  """
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(0)
   frames, episodes = [], []
@@ -34,7 +39,7 @@ def _write_small_dataset(directory, episode_lengths, *, corrupt=()):
     episodes.append({"episode_index": ep, "start": len(frames), "end": len(frames) + length})
     for t in range(length):
       frame = {
-          "image": _png(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)),
+          "image": _png(rng.integers(0, 256, (*image_hw(len(frames)), 3), dtype=np.uint8)),
           "wrist_image": _png(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)),
           "state": rng.normal(size=8).astype(np.float32),
           "actions": rng.normal(size=(HORIZON, 7)).astype(np.float32),
@@ -144,8 +149,11 @@ def test_batch_format(dataset_dir):
   b = 4
   assert set(batch) == {"image", "image_mask", "state", "tokenized_prompt", "tokenized_prompt_mask",
                         "actions", "actions_is_pad"}
-  for key in transforms.IMAGE_KEYS:
-    assert batch["image"][key].shape == (b, SIZE, SIZE, 3)
+  # Cameras ship at their stored size (the model resizes on the device); the absent one is black.
+  stored = (PREPARED_IMAGE_SIZE, PREPARED_IMAGE_SIZE)
+  for key, hw in (("base_0_rgb", stored), ("left_wrist_0_rgb", stored),
+                  ("right_wrist_0_rgb", (SIZE, SIZE))):
+    assert batch["image"][key].shape == (b, *hw, 3)
     assert batch["image"][key].dtype == np.uint8  # scaled to [-1, 1] by the model
     assert batch["image_mask"][key].shape == (b,) and batch["image_mask"][key].dtype == np.bool_
   assert not batch["image_mask"]["right_wrist_0_rgb"].any()
@@ -159,6 +167,30 @@ def test_batch_format(dataset_dir):
   assert batch["tokenized_prompt"].dtype == np.int32
   assert batch["tokenized_prompt_mask"].shape == (b, MAX_LEN)
   assert batch["tokenized_prompt_mask"].dtype == np.bool_
+
+
+def test_device_resize_matches_host_resize(dataset_dir):
+  on_device = next(iter(loader.make_dataset(_config(dataset_dir), split="eval")))
+  config = _config(dataset_dir, resize_on_device=False)
+  on_host = next(iter(loader.make_dataset(config, split="eval")))
+  for key in ("base_0_rgb", "left_wrist_0_rgb"):
+    assert on_host["image"][key].shape == (4, SIZE, SIZE, 3)
+    device = np.asarray(pi0.resize_with_pad(on_device["image"][key], SIZE, SIZE))
+    host = on_host["image"][key].astype(np.float32) / 255 * 2 - 1
+    # PIL rounds its result to uint8; the device keeps float.
+    np.testing.assert_allclose(device, host, atol=1.01 * 2 / 255)
+  np.testing.assert_array_equal(on_device["state"], on_host["state"])
+
+
+def test_frames_of_another_size_are_resized_to_the_first(tmp_path):
+  # Record 0 sets the shipped size (20 x 24); later records are twice as large.
+  directory = _write_small_dataset(tmp_path / "mixed", [6, 6],
+                                   image_hw=lambda i: (20, 24) if i == 0 else (40, 48))
+  config = _config(directory, eval_fraction=0.5)
+  for split in ("train", "eval"):
+    batch = next(iter(loader.make_dataset(config, split=split)))
+    assert batch["image"]["base_0_rgb"].shape == (4, 20, 24, 3)
+    assert batch["image"]["left_wrist_0_rgb"].shape == (4, 20, 20, 3)
 
 
 def test_train_order_is_a_seeded_shuffle_of_train_episodes(dataset_dir, record_of):

@@ -115,8 +115,8 @@ def test_pairwise_never_repeats_context(model, inputs):
   offenders = [s for s in _all_shapes(jaxpr) if s and np.prod(s) % forbidden == 0]
   assert not offenders, f"per-pair context tensors: {offenders}"
   # The context encoder sees each token once: its widest activation is
-  # [B, S, 4 * hidden], never with a second batch dim.
-  assert (B, S, 4 * HIDDEN) in _all_shapes(jaxpr)
+  # [B, S, MLP_RATIO * hidden], never with a second batch dim.
+  assert (B, S, energy_lib.MLP_RATIO * HIDDEN) in _all_shapes(jaxpr)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_pair_chunk_choice(model, monkeypatch):
   assert chunk * 32 * 50 * 8 * 816 <= energy_lib._PAIR_CHUNK_ELEMENTS
   # Small inputs fit one chunk; a prime batch falls back to a divisor.
   assert model.pair_chunk(B, B * H, S) == B
-  bound = 2 * B * H * 4 * HIDDEN  # two contexts' head activations
+  bound = 2 * B * H * energy_lib.MLP_RATIO * HIDDEN  # two contexts' head activations
   monkeypatch.setattr(energy_lib, "_PAIR_CHUNK_ELEMENTS", bound)
   assert model.pair_chunk(4, B * H, S) == 2
   assert model.pair_chunk(B, B * H, S) == 1

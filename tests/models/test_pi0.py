@@ -306,10 +306,11 @@ def test_bad_inputs(model, obs, actions):
                          if k != KEYS[1]})
   with pytest.raises(KeyError, match='left_wrist_0_rgb'):
     model.check_observation(bad)
-  bad = dict(obs, image=dict(obs['image'],
-                             base_0_rgb=np.zeros((B, 8, 8, 3), np.float32)))
-  with pytest.raises(ValueError, match=r"\['base_0_rgb'\] has shape"):
-    model.check_observation(bad)
+  for shape in ((B, 8, 8, 4), (B + 1, 8, 8, 3), (8, 8, 3)):
+    bad = dict(obs, image=dict(obs['image'],
+                               base_0_rgb=np.zeros(shape, np.float32)))
+    with pytest.raises(ValueError, match=r"\['base_0_rgb'\] has shape"):
+      model.check_observation(bad)
   with pytest.raises(ValueError, match='state'):
     model.check_observation(dict(obs, state=np.zeros((B, A + 1))))
   bad_tokens = obs['tokenized_prompt'].copy()
@@ -323,6 +324,25 @@ def test_bad_inputs(model, obs, actions):
   with pytest.raises(ValueError, match='energy_head'):
     build_model(dict(TINY, energy_head=False, use_energy_loss=True),
                 nnx.Rngs(0))
+
+
+def test_other_image_sizes_are_resized_with_pad_like_the_host(model, obs):
+  # Reference: the loader's host path (PIL bilinear, then [-1, 1]).
+  from pipeline.data import transforms  # pylint: disable=g-import-not-at-top
+  size = model.image_size
+  rng = np.random.default_rng(0)
+  wide = rng.integers(0, 256, (B, 2 * size, 3 * size, 3), dtype=np.uint8)
+  got = np.asarray(model.check_observation(
+      dict(obs, image=dict(obs['image'], base_0_rgb=wide)))['image']['base_0_rgb'])
+  want = np.stack([transforms.resize_with_pad(x, size, size) for x in wide])
+  want = want.astype(np.float32) / 255 * 2 - 1
+  assert got.shape == (B, size, size, 3) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=1.01 * 2 / 255)
+  # The 3:2 image fills the width; the rows above and below are black.
+  scaled_h = int(2 * size / 3)
+  top = (size - scaled_h) // 2
+  assert (got[:, :top] == -1).all() and (got[:, top + scaled_h:] == -1).all()
+  assert (got[:, top:top + scaled_h] > -1).any()
 
 
 def test_long_prompt_is_truncated_with_warning(model, obs, caplog):
