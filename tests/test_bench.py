@@ -77,12 +77,17 @@ def test_step_mfu_is_na_without_peak():
 
 
 def test_checkpoint_tiny():
-  result = bench.run("checkpoint", size="tiny", batch=4, saves=2)
+  result = bench.run("checkpoint", size="tiny", batch=4, saves=2, extra_mib=(0, 1))
   _check_json(result)
-  for name in ("async", "sync"):
-    assert len(result[name]["blocked_all_s"]) == 2
-    assert 0 < result[name]["blocked_s"] <= result[name]["total_s"]
-  assert result["async_over_sync_blocked"] > 0
+  small, large = result["rows"]
+  assert large["state_mib"] - small["state_mib"] == pytest.approx(1.0)
+  assert large["num_arrays"] == small["num_arrays"] + 1
+  for row in result["rows"]:
+    for name in ("async", "sync"):
+      assert len(row[name]["blocked_all_s"]) == 2
+      assert 0 < row[name]["blocked_s"] <= row[name]["total_s"]
+  assert result["async_over_sync_blocked"] == large["async_over_sync_blocked"] > 0
+  assert result["full_state_mib"] > 40 * 1024  # Pi0: ~3.3 B params, AdamW moments and EMA
 
 
 def test_loader_tiny(prepared_dataset):  # pylint: disable=redefined-outer-name

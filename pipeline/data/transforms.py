@@ -21,7 +21,8 @@ from pipeline.data import records
 from pipeline.data import tokenizer as tokenizer_lib
 
 IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-# Batch image key <- record field; cameras absent from LIBERO are black images with mask False.
+# Batch image key <- record field; cameras absent from LIBERO have no image, only mask False
+# (the model makes them black on the device).
 CAMERA_FIELDS = {"base_0_rgb": "image", "left_wrist_0_rgb": "wrist_image",
                  "right_wrist_0_rgb": None}
 NORMALIZATIONS = ("zscore", "quantile")
@@ -226,8 +227,7 @@ class FrameTransform:
     for key in IMAGE_KEYS:
       field = CAMERA_FIELDS[key]
       if field is None:
-        # Black and masked out; zeros are cheap (calloc) and uint8 keeps the batch small.
-        images[key] = np.zeros((size, size, 3), np.uint8)
+        # Absent: only its mask travels; the model makes the black image on the device.
         masks[key] = np.bool_(False)
         continue
       try:

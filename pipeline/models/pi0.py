@@ -209,8 +209,9 @@ class Pi0(nnx.Module):
 
     Images become float in [-1, 1] (uint8 accepted) of the model's size
     (other sizes are resized with padding, as openpi does on the device),
-    absent image masks become all-True, prompts longer than max_token_len are
-    truncated with a warning (openpi behaviour).
+    absent image masks become all-True, a camera with an image_mask entry but
+    no image is absent (black, masked out), prompts longer than max_token_len
+    are truncated with a warning (openpi behaviour).
     """
     if not isinstance(obs, Mapping):
       raise TypeError(f'observation must be a dict, got {type(obs).__name__}.')
@@ -226,8 +227,17 @@ class Pi0(nnx.Module):
     given_masks = obs.get('image_mask') or {}
     for key in IMAGE_KEYS:
       if key not in obs['image']:
-        raise KeyError(f"observation['image'] is missing '{key}' (has "
-                       f"{sorted(obs['image'])}; expected {list(IMAGE_KEYS)}).")
+        if key not in given_masks:
+          raise KeyError(
+              f"observation['image'] is missing '{key}' (has "
+              f"{sorted(obs['image'])}; expected {list(IMAGE_KEYS)}; an "
+              f"image_mask entry without an image marks an absent camera).")
+        # An absent camera (declared by its mask entry): black and masked
+        # out, made here so the loader never ships it.
+        size = self.image_size
+        images[key] = jnp.full((b, size, size, 3), -1.0, jnp.float32)
+        image_masks[key] = jnp.zeros((b,), bool)
+        continue
       img = jnp.asarray(obs['image'][key])
       if img.ndim != 4 or img.shape[0] != b or img.shape[-1] != 3:
         raise ValueError(f"observation['image']['{key}'] has shape "

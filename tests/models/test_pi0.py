@@ -302,7 +302,9 @@ def test_metric_keys_by_mode(obs, actions):
 
 
 def test_bad_inputs(model, obs, actions):
-  bad = dict(obs, image={k: v for k, v in obs['image'].items()
+  # No image and no mask entry: a mistake, not an absent camera.
+  bad = dict(obs, image={k: v for k, v in obs['image'].items() if k != KEYS[1]},
+             image_mask={k: v for k, v in (obs.get('image_mask') or {}).items()
                          if k != KEYS[1]})
   with pytest.raises(KeyError, match='left_wrist_0_rgb'):
     model.check_observation(bad)
@@ -324,6 +326,22 @@ def test_bad_inputs(model, obs, actions):
   with pytest.raises(ValueError, match='energy_head'):
     build_model(dict(TINY, energy_head=False, use_energy_loss=True),
                 nnx.Rngs(0))
+
+
+def test_camera_with_only_a_mask_is_absent(model, obs):
+  absent = KEYS[2]
+  images = {k: v for k, v in obs['image'].items() if k != absent}
+  masks = dict(obs.get('image_mask') or {}, **{absent: np.zeros(B, bool)})
+  got = model.check_observation(dict(obs, image=images, image_mask=masks))
+  size = model.image_size
+  np.testing.assert_array_equal(got['image'][absent],
+                                np.full((B, size, size, 3), -1.0, np.float32))
+  assert not np.asarray(got['image_mask'][absent]).any()
+  # Same prefix as shipping the black image itself.
+  black = dict(obs['image'], **{absent: np.zeros((B, size, size, 3), np.uint8)})
+  want = model.check_observation(dict(obs, image=black, image_mask=masks))
+  for key in KEYS:
+    np.testing.assert_array_equal(got['image'][key], want['image'][key])
 
 
 def test_other_image_sizes_are_resized_with_pad_like_the_host(model, obs):
