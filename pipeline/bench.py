@@ -594,10 +594,11 @@ def bench_loader(dataset_dir: str = "", *, size: str = "full", batch: int = 32,
 
 def time_device_resize(batch: int, source_size: int, size: int, repeats: int = 5) -> float:
   """Seconds (median) the device takes to fit one batch of two uint8 cameras to the model size."""
+  from pipeline.data import transforms  # pylint: disable=g-import-not-at-top
   from pipeline.models import pi0  # pylint: disable=g-import-not-at-top
 
   images = {k: jnp.zeros((batch, source_size, source_size, 3), jnp.uint8)
-            for k in ("base_0_rgb", "left_wrist_0_rgb")}
+            for k, field in transforms.CAMERA_FIELDS.items() if field is not None}
   fit = jax.jit(functools.partial(pi0.fit_images, size=size))
   _block(fit(images))
   times = []

@@ -24,6 +24,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 
+from pipeline.models import pi0
+
 CROP_FRACTION = 0.95
 MAX_ROTATION_DEG = 5.0
 BRIGHTNESS, CONTRAST, SATURATION = 0.3, 0.4, 0.5
@@ -40,13 +42,6 @@ def to_unit(image: jax.Array) -> jax.Array:
   if image.dtype == jnp.uint8:
     return image.astype(jnp.float32) / 255.0
   return (image.astype(jnp.float32) + 1.0) / 2.0
-
-
-def to_signed(image: jax.Array) -> jax.Array:
-  """The model's input scaling: uint8 -> x / 255 * 2 - 1 (as Pi0 does it); float passes as f32."""
-  if image.dtype == jnp.uint8:
-    return image.astype(jnp.float32) / 255.0 * 2.0 - 1.0
-  return image.astype(jnp.float32)
 
 
 def crop_size(height: int, width: int) -> tuple[int, int]:
@@ -163,7 +158,7 @@ def augment_batch(rng: jax.Array, images: Mapping[str, jax.Array], *, train: boo
     augmented = jax.vmap(one)(keys, image) * 2.0 - 1.0
     if masks is not None and key in masks:
       keep = jnp.asarray(masks[key]).astype(bool)[:, None, None, None]
-      augmented = jnp.where(keep, augmented, to_signed(image))
+      augmented = jnp.where(keep, augmented, pi0.scale_image(image))
     out[key] = augmented
   return out
 
