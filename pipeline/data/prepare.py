@@ -4,34 +4,13 @@
       [--num_workers=N] [--skip_bad=false] [--episodes_per_shard=32] [--verify_images=header]
       [--overwrite=false]
 
-Output directory:
-  frames-XXXXX-of-YYYYY.array_record   one record per frame (`pipeline.data.records` msgpack):
-      image, wrist_image (encoded bytes as in the source), state f32[S], actions f32[H, A] (the
-      frame's action chunk: actions t..t+H-1; past the episode end the last action repeats and
-      actions_is_pad bool[H] is True, as openpi builds chunks), prompt, episode_index,
-      frame_index, task_index. Records run in episode order; shards hold contiguous episodes.
-  norm_stats.json   openpi format {"norm_stats": {"state": {mean, std, q01, q99}, "actions": ...}}.
-      Exact (numpy mean, population std, linearly interpolated quantiles) over every frame's
-      state and every frame's own action. openpi instead pools all H actions of every chunk,
-      which counts each action up to H times and over-weights the last action of an episode
-      (the padding); the per-frame version is the same data without that weighting.
-  manifest.json     what was converted and how; `complete: true` is written last, after every
-      shard and the stats, and `open_prepared` refuses anything else:
-        version (of this layout, 1), format ('lerobot_v2' | 'lerobot_v3' | 'rlds'),
-        source_version (e.g. 'v2.1'), source (absolute path), action_horizon, created,
-        record_codec, num_episodes, num_records (= num_frames), num_tasks, num_skipped,
-        tasks [{task_index, task}] (the source's task table),
-        features {name: {dtype, shape[, encoding]}} of a record,
-        norm_stats ('norm_stats.json'), norm_stats_actions (how action stats were taken),
-        shards [{path, num_records, episodes [episode_index]}] (global record order = shard order),
-        episodes [{episode_index, task_index, task, length, shard, start, end}] (global record
-          range [start, end) of the episode's frames),
-        skipped [{episode_index, path, field, reason}], complete.
+Output directory: see `pipeline.data.prepared`, which also reads it.
 
-Atomicity: everything is written into a sibling `.<dst name>.tmp-<host>-<pid>` directory that is
-renamed to `dst` only once complete, so `dst` either does not exist or is a complete dataset. A
-killed run leaves only the temporary directory, whose manifest says `complete: false`; the next
-run on the same host removes it if its process is gone.
+Atomicity (`pipeline.fileio.atomic_directory`): everything is written into a sibling
+`.<dst name>.tmp-<host>-<pid>` directory that is renamed to `dst` only once complete, so `dst`
+either does not exist or is a complete dataset. A killed run leaves only the temporary directory,
+whose manifest says `complete: false`; the next run on the same host removes it if its process is
+gone.
 
 Bad input: a corrupt image (checked without decoding pixels by default: signature, end marker and
 header; `--verify_images=full` decodes every image), a missing column or key, a NaN state or
@@ -40,39 +19,36 @@ action, an episode with 0 frames -> an error naming the file, episode and field;
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import datetime
-import json
 import logging
 import math
 import multiprocessing
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Sequence
 
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
 import numpy as np
 
+from pipeline import fileio
 from pipeline.data import records
 from pipeline.data import sources
+# The layout and read side; loader and tests also reach these names through this module.
+from pipeline.data.prepared import (MANIFEST, MANIFEST_VERSION, NORM_STATS, SHARD_PATTERN,
+                                    NotPreparedError, PreparedDataset, is_complete,
+                                    open_prepared)
 
-MANIFEST = "manifest.json"
-NORM_STATS = "norm_stats.json"
-MANIFEST_VERSION = 1
 # group_size:1 keeps every record its own chunk, so random access reads one record only; no
 # compression since the bulk of a record is already-compressed PNG/JPEG bytes.
 WRITER_OPTIONS = "group_size:1,uncompressed"
-SHARD_PATTERN = "frames-{index:05d}-of-{count:05d}.array_record"
 
 
 class PrepareError(RuntimeError):
   """The conversion failed; the message names the file, episode and field where known."""
-
-
-class NotPreparedError(RuntimeError):
-  """A directory that is not a complete prepared dataset."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,132 +135,6 @@ def compute_norm_stats(x: np.ndarray) -> dict[str, list[float]]:
 # Directory handling.
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-  tmp = path.with_name(path.name + ".partial")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _tmp_prefix(dst: Path) -> str:
-  # The host name keeps runs on different machines sharing a file system apart.
-  return f".{dst.name}.tmp-{socket.gethostname()}-"
-
-
-def _remove_stale_tmp_dirs(dst: Path) -> None:
-  """Deletes temporary dirs of earlier runs for `dst` whose process no longer exists."""
-  if not dst.parent.is_dir():
-    return
-  prefix = _tmp_prefix(dst)
-  for entry in dst.parent.iterdir():
-    if entry.name.startswith(prefix) and entry.is_dir():
-      try:
-        pid = int(entry.name[len(prefix):])
-      except ValueError:
-        continue
-      if pid != os.getpid() and not _pid_alive(pid):
-        logging.info("removing %s left by an interrupted run", entry)
-        shutil.rmtree(entry, ignore_errors=True)
-
-
-def is_complete(path: str | os.PathLike) -> bool:
-  """True if `path` holds a manifest that says the dataset is complete."""
-  try:
-    with open(Path(path) / MANIFEST, encoding="utf-8") as f:
-      return json.load(f).get("complete") is True
-  except (OSError, ValueError, AttributeError):
-    return False
-
-
-class PreparedDataset:
-  """A complete prepared dataset: manifest, shard paths, norm stats, random access to frames."""
-
-  def __init__(self, root: Path, manifest: dict, norm_stats: dict):
-    self.root = root
-    self.manifest = manifest
-    self.norm_stats = norm_stats
-    self.shard_paths = [str(root / s["path"]) for s in manifest["shards"]]
-    self.num_records = int(manifest["num_records"])
-    self.action_horizon = int(manifest["action_horizon"])
-    self._readers = {}
-    self._starts = np.cumsum([0] + [s["num_records"] for s in manifest["shards"]])
-
-  def __len__(self) -> int:
-    return self.num_records
-
-  def read_record(self, index: int) -> bytes:
-    """The raw record at global `index` (records of all shards, in shard order)."""
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    if not 0 <= index < self.num_records:
-      raise IndexError(f"record {index} out of range [0, {self.num_records})")
-    shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-    if shard not in self._readers:
-      self._readers[shard] = array_record_module.ArrayRecordReader(
-          self.shard_paths[shard], "readahead_buffer_size:0")
-    return self._readers[shard].read([index - int(self._starts[shard])])[0]
-
-  def frame(self, index: int) -> dict[str, Any]:
-    """The decoded frame at global `index`."""
-    return records.decode_frame(self.read_record(index))
-
-  def __getstate__(self):
-    # Open readers stay behind when the object is sent to a worker process.
-    state = dict(self.__dict__)
-    state["_readers"] = {}
-    return state
-
-  def close(self) -> None:
-    for reader in self._readers.values():
-      reader.close()
-    self._readers.clear()
-
-
-def open_prepared(path: str | os.PathLike) -> PreparedDataset:
-  """Opens a prepared dataset; raises NotPreparedError unless it is complete and intact."""
-  root = Path(path)
-  manifest_path = root / MANIFEST
-  if not root.is_dir():
-    raise NotPreparedError(f"{root}: no such directory; run "
-                           f"`python -m pipeline.data.prepare --src=... --dst={root}` first")
-  try:
-    with open(manifest_path, encoding="utf-8") as f:
-      manifest = json.load(f)
-  except FileNotFoundError:
-    raise NotPreparedError(f"{root}: no {MANIFEST}; not a prepared dataset (or its preparation "
-                           "was interrupted) - run pipeline.data.prepare again") from None
-  except (OSError, ValueError) as e:
-    raise NotPreparedError(f"{manifest_path}: unreadable manifest: {e}") from e
-  if not isinstance(manifest, dict) or manifest.get("complete") is not True:
-    raise NotPreparedError(f"{manifest_path}: dataset is incomplete (complete != true): its "
-                           "preparation did not finish; delete it and run pipeline.data.prepare "
-                           "again")
-  if manifest.get("version") != MANIFEST_VERSION:
-    raise NotPreparedError(f"{manifest_path}: manifest version {manifest.get('version')}, "
-                           f"this code reads version {MANIFEST_VERSION}")
-  for shard in manifest["shards"]:
-    shard_path = root / shard["path"]
-    if not shard_path.is_file():
-      raise NotPreparedError(f"{root}: shard {shard['path']} listed in the manifest is missing")
-  try:
-    with open(root / NORM_STATS, encoding="utf-8") as f:
-      norm_stats = json.load(f)["norm_stats"]
-  except (OSError, ValueError, KeyError) as e:
-    raise NotPreparedError(f"{root / NORM_STATS}: missing or unreadable: {e}") from e
-  return PreparedDataset(root, manifest, norm_stats)
-
-
 # ----------------------------------------------------------------------------------------------
 # The conversion.
 
@@ -362,17 +212,11 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "au
   logging.info("preparing %d episodes of %s (%s %s) into %s", len(refs), src, source.format,
                source.version, dst)
 
-  _remove_stale_tmp_dirs(dst)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dst.parent / f"{_tmp_prefix(dst)}{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir()
-  try:
-    base = {"version": MANIFEST_VERSION, "format": source.format,
-            "source_version": source.version, "source": str(src),
-            "action_horizon": action_horizon}
-    _write_json_atomic(tmp / MANIFEST, dict(base, complete=False))
+  base = {"version": MANIFEST_VERSION, "format": source.format,
+          "source_version": source.version, "source": str(src), "action_horizon": action_horizon}
+  # Another run that finished the same dataset meanwhile wins if its dataset is complete.
+  with fileio.atomic_directory(dst, is_complete=is_complete) as tmp:
+    fileio.atomic_write_json(tmp / MANIFEST, dict(base, complete=False))
     num_shards = max(min(num_workers, len(refs)), math.ceil(len(refs) / episodes_per_shard))
     groups = _groups(refs, num_shards)
     names = [SHARD_PATTERN.format(index=i, count=len(groups)) for i in range(len(groups))]
@@ -383,19 +227,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "au
       for skip in res["skipped"]:
         logging.warning("skipping episode %d: %s", skip["episode_index"], skip["reason"])
     manifest, norm_stats = _manifest(base, source, tasks, names, results, action_horizon)
-    _write_json_atomic(tmp / NORM_STATS, norm_stats)
-    _write_json_atomic(tmp / MANIFEST, manifest)  # complete: true, written last
-    try:
-      os.rename(tmp, dst)
-    except OSError:
-      # Another process finished the same dataset first; keep theirs if it is complete.
-      if is_complete(dst):
-        shutil.rmtree(tmp, ignore_errors=True)
-      else:
-        raise
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    fileio.atomic_write_json(tmp / NORM_STATS, norm_stats)
+    fileio.atomic_write_json(tmp / MANIFEST, manifest)  # complete: true, written last
   logging.info("prepared %d frames of %d episodes (%d skipped) in %s", manifest["num_records"],
                manifest["num_episodes"], manifest["num_skipped"], dst)
   return dst
@@ -488,43 +321,67 @@ def ensure_prepared(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) ->
     raise
 
 
-def _bool(text: str) -> bool:
-  value = text.strip().lower()
-  if value in ("1", "true", "yes", "y", "t"):
-    return True
-  if value in ("0", "false", "no", "n", "f"):
-    return False
-  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def ensure_from_config(config) -> None:
+  """Makes `config.data.dataset_dir` a prepared dataset before training reads it.
+
+  When `config.data.synthetic` and `config.data.source_dir` is missing or empty, writes the
+  synthetic LeRobot source there first; then prepares `source_dir` into `dataset_dir` unless that
+  holds a manifest already. Process 0 does the work; with several processes all wait for it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  d = config.data
+  if os.path.exists(os.path.join(d.dataset_dir, MANIFEST)):
+    return
+  if jax.process_index() == 0:
+    if d.synthetic and not (os.path.isdir(d.source_dir) and os.listdir(d.source_dir)):
+      from pipeline.data import synthetic  # pylint: disable=g-import-not-at-top
+
+      logging.info("data: writing synthetic source (%d episodes) to %s", d.synthetic_episodes,
+                   d.source_dir)
+      synthetic.ensure_dataset(d.source_dir, "lerobot_v21", d.synthetic_episodes,
+                               image_size=d.synthetic_image_size, seed=config.seed)
+    if d.source_dir:
+      logging.info("data: preparing %s -> %s", d.source_dir, d.dataset_dir)
+      ensure_prepared(d.source_dir, d.dataset_dir, format=d.source_format,
+                      action_horizon=config.model.action_horizon)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices("prepare_data")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      description="Convert a LIBERO source (LeRobot v2.x/v3.0 parquet or RLDS TFRecords) into "
-      "ArrayRecord shards with action chunks and norm stats.")
-  parser.add_argument("--src", required=True, help="source dataset directory")
-  parser.add_argument("--dst", required=True, help="output directory (must not exist)")
-  parser.add_argument("--format", default="auto",
-                      help="auto | lerobot_v2 (v2.0/v2.1) | lerobot_v3 | rlds")
-  parser.add_argument("--action_horizon", type=int, default=50)
-  parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
-  parser.add_argument("--skip_bad", type=_bool, default=False, nargs="?", const=True)
-  parser.add_argument("--episodes_per_shard", type=int, default=32)
-  parser.add_argument("--verify_images", default="header", choices=("header", "full"))
-  parser.add_argument("--overwrite", type=_bool, default=False, nargs="?", const=True)
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+def _define_flags():
+  flags.DEFINE_string("src", None, "Source dataset directory.")
+  flags.DEFINE_string("dst", None, "Output directory (must not exist, or be empty).")
+  flags.DEFINE_string("format", "auto", "auto | lerobot_v2 (v2.0/v2.1) | lerobot_v3 | rlds.")
+  flags.DEFINE_integer("action_horizon", 50, "Steps per precomputed action chunk.")
+  flags.DEFINE_integer("num_workers", min(4, os.cpu_count() or 1), "Converting processes.")
+  flags.DEFINE_bool("skip_bad", False, "Skip unusable episodes (listed in the manifest).")
+  flags.DEFINE_integer("episodes_per_shard", 32, "Target episodes per ArrayRecord shard.")
+  flags.DEFINE_enum("verify_images", "header", ["header", "full"],
+                    "Check image headers only, or decode every image.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
+  flags.mark_flags_as_required(["src", "dst"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.INFO)
   try:
-    dst = prepare(args.src, args.dst, format=args.format, action_horizon=args.action_horizon,
-                  num_workers=args.num_workers, skip_bad=args.skip_bad,
-                  episodes_per_shard=args.episodes_per_shard,
-                  verify_images=args.verify_images, overwrite=args.overwrite)
+    dst = prepare(f.src, f.dst, format=f.format, action_horizon=f.action_horizon,
+                  num_workers=f.num_workers, skip_bad=f.skip_bad,
+                  episodes_per_shard=f.episodes_per_shard, verify_images=f.verify_images,
+                  overwrite=f.overwrite)
   except (PrepareError, sources.SourceError) as e:
     raise SystemExit(f"prepare failed: {e}") from None
-  ds = open_prepared(dst)
-  m = ds.manifest
+  m = open_prepared(dst).manifest
   print(f"{dst}: {m['num_records']} frames, {m['num_episodes']} episodes, "
         f"{len(m['shards'])} shards, {m['num_skipped']} skipped")
 
 
 if __name__ == "__main__":
-  main()
+  _define_flags()
+  app.run(main)

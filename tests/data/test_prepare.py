@@ -312,7 +312,9 @@ def killer(ep, horizon):
     os.kill(os.getpid(), signal.SIGKILL)  # no cleanup can run
   return real(ep, horizon)
 prepare.episode_records = killer
-prepare.main(sys.argv[1:])
+from absl import app
+prepare._define_flags()
+app.run(prepare.main)
 """
 
 
@@ -407,3 +409,35 @@ def test_records_decode_with_codec(prepared_dataset):
   last = ds.manifest["episodes"][0]["end"] - 1
   pads = ds.frame(last)["actions_is_pad"]
   assert not pads[0] and pads[1:].all()
+
+
+def _data_config(tmp_path, **data):
+  import ml_collections
+  return ml_collections.ConfigDict({
+      "seed": 3, "model": {"action_horizon": 4},
+      "data": dict({"dataset_dir": str(tmp_path / "prepared"), "source_dir": str(tmp_path / "src"),
+                    "source_format": "auto", "synthetic": True, "synthetic_episodes": 3,
+                    "synthetic_image_size": 16}, **data)})
+
+
+def test_ensure_from_config_writes_synthetic_source_and_prepares(tmp_path, monkeypatch):
+  config = _data_config(tmp_path)
+  prepare.ensure_from_config(config)
+  m = prepare.open_prepared(tmp_path / "prepared").manifest
+  assert m["num_episodes"] == 3 and m["action_horizon"] == 4 and m["format"] == "lerobot_v2"
+  assert m["source"] == str((tmp_path / "src").resolve())
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "src"]  # no temporaries
+
+  def fail(*args, **kwargs):
+    raise AssertionError("prepared twice")
+
+  monkeypatch.setattr(prepare, "prepare", fail)
+  prepare.ensure_from_config(config)  # a manifest is there: nothing to do
+
+
+def test_ensure_from_config_keeps_an_existing_source(tmp_path):
+  _small_v21(tmp_path / "src", num_episodes=2)
+  prepare.ensure_from_config(_data_config(tmp_path))
+  assert prepare.open_prepared(tmp_path / "prepared").manifest["num_episodes"] == 2
+  prepare.ensure_from_config(_data_config(tmp_path / "real", synthetic=False, source_dir=""))
+  assert not (tmp_path / "real").exists()  # no source, nothing to prepare

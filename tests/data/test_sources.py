@@ -1,8 +1,7 @@
-"""Source readers: detection, column mapping, the TF-free Example/TFRecord parser, bad input."""
+"""Source readers: detection, column mapping, image checks, bad input."""
 import io
 import json
 import shutil
-import struct
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +11,7 @@ from PIL import Image
 from pipeline.data import prepare
 from pipeline.data import sources
 from pipeline.data import synthetic
+from pipeline.data import tfrecord
 from tests.data import conftest as data_conftest
 
 EXPECTED_FORMAT = {"lerobot_v20": "lerobot_v2", "lerobot_v21": "lerobot_v2",
@@ -66,70 +66,6 @@ def test_v3_row_ranges_cross_files_and_row_groups(source_dir):
   refs = sources.open_source(root).episode_refs()
   assert {r.path for r in refs} == {str(f) for f in files}
   assert refs[4].location[0] == 0  # first episode of the second file starts at its row 0
-
-
-# ----------------------------------------------------------------------------------------------
-# TF-free Example / TFRecord parsing, checked against TensorFlow.
-
-
-def test_crc32c_known_value():
-  assert sources.crc32c(b"123456789") == 0xE3069283
-  assert sources.crc32c(b"") == 0
-
-
-def test_parse_example_matches_tensorflow():
-  import tensorflow as tf
-  rng = np.random.default_rng(0)
-  floats = rng.normal(size=13).astype(np.float32)
-  ints = [0, 1, -1, 2**40, -(2**62), 127, 128]
-  ex = tf.train.Example(features=tf.train.Features(feature={
-      "f": tf.train.Feature(float_list=tf.train.FloatList(value=floats)),
-      "i": tf.train.Feature(int64_list=tf.train.Int64List(value=ints)),
-      "b": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"", b"\x00\xff", b"x" * 300])),
-      "empty": tf.train.Feature(float_list=tf.train.FloatList(value=[])),
-  }))
-  parsed = sources.parse_example(ex.SerializeToString())
-  assert parsed["f"][0] == "float"
-  np.testing.assert_array_equal(parsed["f"][1], floats)
-  assert list(parsed["i"][1]) == ints
-  assert parsed["b"] == ("bytes", [b"", b"\x00\xff", b"x" * 300])
-  assert len(parsed["empty"][1]) == 0
-  assert set(sources.parse_example(ex.SerializeToString(), ["f"])) == {"f"}
-  # Our encoder's output is what TensorFlow reads back.
-  ours = synthetic.encode_example({"f": floats, "i": np.array(ints), "b": [b"a", b"bc"]})
-  back = tf.train.Example.FromString(ours).features.feature
-  np.testing.assert_array_equal(back["f"].float_list.value, floats)
-  assert list(back["i"].int64_list.value) == ints
-  assert list(back["b"].bytes_list.value) == [b"a", b"bc"]
-
-
-def test_parse_unpacked_float_list():
-  # proto2-style encoders may write one fixed32 field per value instead of a packed run.
-  values = [1.5, -2.25, 3.0]
-  float_list = b"".join(b"\x0d" + struct.pack("<f", v) for v in values)
-  feature = b"\x12" + bytes([len(float_list)]) + float_list
-  entry = b"\x0a\x01k" + b"\x12" + bytes([len(feature)]) + feature
-  features = b"\x0a" + bytes([len(entry)]) + entry
-  example = b"\x0a" + bytes([len(features)]) + features
-  kind, arr = sources.parse_example(example)["k"]
-  assert kind == "float" and arr.tolist() == values
-
-
-def test_tfrecord_offsets_match_tensorflow_writer(tmp_path):
-  import tensorflow as tf
-  payloads = [b"", b"a", b"xyz" * 1000]
-  path = str(tmp_path / "x.tfrecord")
-  with tf.io.TFRecordWriter(path) as w:
-    for p in payloads:
-      w.write(p)
-  offsets = sources.tfrecord_offsets(path)
-  data = open(path, "rb").read()
-  assert [data[o:o + n] for o, n in offsets] == payloads
-  assert open(path, "rb").read() == b"".join(synthetic.tfrecord_frame(p) for p in payloads)
-  with open(path, "r+b") as f:
-    f.truncate(len(data) - 10)
-  with pytest.raises(sources.SourceError, match="truncated TFRecord"):
-    sources.tfrecord_offsets(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,10 +138,10 @@ def _rewrite_rlds(root, fn):
   index = 0
   for path in sorted(root.glob("*.tfrecord*")):
     out = []
-    for offset, length in sources.tfrecord_offsets(str(path)):
+    for offset, length in tfrecord.record_offsets(str(path)):
       data = path.read_bytes()[offset:offset + length]
-      feats = {k: v for k, (kind, v) in sources.parse_example(data).items()}
-      out.append(synthetic.tfrecord_frame(synthetic.encode_example(fn(index, feats))))
+      feats = {k: v for k, (kind, v) in tfrecord.parse_example(data).items()}
+      out.append(tfrecord.frame_record(tfrecord.encode_example(fn(index, feats))))
       index += 1
     path.write_bytes(b"".join(out))
 

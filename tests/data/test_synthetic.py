@@ -1,5 +1,9 @@
 """Synthetic episodes: the on-disk layouts of each format, and that the actions are learnable."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +14,7 @@ from pipeline.data import synthetic
 
 FLOAT_LIST = lambda n: pa.list_(pa.field("element", pa.float32()), n)
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_task_list_matches_asset():
@@ -182,16 +187,29 @@ def test_generation_is_deterministic():
   assert 12 <= len(a[0].state) <= 20
 
 
-def test_cli(tmp_path, capsys):
-  synthetic.main([f"--dst={tmp_path / 'd'}", "--format=lerobot_v30", "--episodes=2",
-                  "--image_size=8", "--min_length=2", "--max_length=3",
-                  "--suites=libero_object"])
-  assert "wrote 2 lerobot_v30 episodes" in capsys.readouterr().out
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "pipeline.data.synthetic", *args], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_cli(tmp_path):
+  proc = _cli(f"--dst={tmp_path / 'd'}", "--format=lerobot_v30", "--episodes=2",
+              "--image_size=8", "--min_length=2", "--max_length=3", "--suites=libero_object")
+  assert proc.returncode == 0, proc.stderr
+  assert "wrote 2 lerobot_v30 episodes" in proc.stdout
   tasks = pq.read_table(tmp_path / "d" / "meta" / "tasks.parquet").column(
       "__index_level_0__").to_pylist()
   assert set(tasks) <= set(synthetic.libero_tasks()["libero_object"])
   with pytest.raises(ValueError, match="unknown synthetic format"):
     synthetic.write_dataset(tmp_path / "e", "hdf5", 1)
+  proc = _cli(f"--dst={tmp_path / 'f'}", "--min_length=5", "--max_length=2")
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "synthetic failed: need 1 <= min_length <= max_length, got 5, 2")
+  proc = _cli("--format=hdf5", f"--dst={tmp_path / 'g'}")
+  assert proc.returncode != 0 and "--format" in proc.stderr
+  assert not (tmp_path / "g").exists()
 
 
 def test_ensure_dataset_writes_once(tmp_path):
