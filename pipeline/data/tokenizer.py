@@ -17,8 +17,9 @@ import io
 import json
 import logging
 import os
-import sys
 
+from absl import app
+from absl import flags
 import numpy as np
 import sentencepiece as spm
 
@@ -143,15 +144,21 @@ def write_synthetic_tokenizer(tasks_json: str = LIBERO_TASKS,
   return out
 
 
-def _main(argv: list[str]) -> None:
-  args = dict(a.lstrip("-").split("=", 1) for a in argv)
-  unknown = set(args) - {"tasks", "out"}
-  if unknown:
-    raise SystemExit(f"unknown flags {sorted(unknown)}; use --tasks=JSON --out=MODEL")
-  path = write_synthetic_tokenizer(args.get("tasks", LIBERO_TASKS),
-                                   args.get("out", SYNTHETIC_TOKENIZER))
+def _define_flags():
+  flags.DEFINE_string("tasks", LIBERO_TASKS, "{suite: [task, ...]} json file to train on.")
+  flags.DEFINE_string("out", SYNTHETIC_TOKENIZER, "Where to write the sentencepiece model.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    path = write_synthetic_tokenizer(flags.FLAGS.tasks, flags.FLAGS.out)
+  except (OSError, ValueError) as e:
+    raise SystemExit(f"tokenizer failed: {e}") from None
   print(f"wrote {path} (vocab {vocab_size(path)})")
 
 
 if __name__ == "__main__":
-  _main(sys.argv[1:])
+  _define_flags()
+  app.run(main)
