@@ -2,7 +2,7 @@
 
   python -m pipeline.data.prepare --src=DIR --dst=DIR [--format=auto] [--action_horizon=50]
       [--num_workers=N] [--skip_bad=false] [--episodes_per_shard=32] [--verify_images=header]
-      [--overwrite=false]
+      [--overwrite=false] [--split=NAME]
 
 Output directory: see `pipeline.data.prepared`, which also reads it.
 
@@ -168,7 +168,7 @@ def _feature_spec(source: sources.Source, horizon: int, state_dim: int, action_d
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "auto",
             action_horizon: int = 50, num_workers: int = 1, skip_bad: bool = False,
             episodes_per_shard: int = 32, verify_images: str = "header",
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, split: str | None = None) -> Path:
   """Converts the source at `src` into a prepared ArrayRecord dataset at `dst`.
 
   Args:
@@ -181,6 +181,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "au
     episodes_per_shard: target episodes per shard; at least `num_workers` shards are written.
     verify_images: 'header' (signature, end marker, header) or 'full' (decode every image).
     overwrite: replace an existing `dst`.
+    split: the TFDS split of an RLDS source (None: 'train', or the only split; see
+      `sources.rlds`); LeRobot sources have none and refuse any other value than None.
 
   Returns:
     Path of the complete dataset.
@@ -202,18 +204,19 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "au
       raise PrepareError(f"{dst} exists and is not a complete prepared dataset; remove it or "
                          "pass --overwrite=true")
   try:
-    source = sources.open_source(src, format)
+    source = sources.open_source(src, format, split)
     refs = source.episode_refs()
     tasks = source.tasks()
   except sources.SourceError as e:
     raise PrepareError(str(e)) from e
   if not refs:
     raise PrepareError(f"{src}: the source has no episodes")
-  logging.info("preparing %d episodes of %s (%s %s) into %s", len(refs), src, source.format,
-               source.version, dst)
+  logging.info("preparing %d episodes of %s (%s %s%s) into %s", len(refs), src, source.format,
+               source.version, f", split {source.split!r}" if source.split else "", dst)
 
   base = {"version": MANIFEST_VERSION, "format": source.format,
-          "source_version": source.version, "source": str(src), "action_horizon": action_horizon}
+          "source_version": source.version, "source": str(src), "split": source.split,
+          "action_horizon": action_horizon}
   # Another run that finished the same dataset meanwhile wins if its dataset is complete.
   with fileio.atomic_directory(dst, is_complete=is_complete) as tmp:
     fileio.atomic_write_json(tmp / MANIFEST, dict(base, complete=False))
@@ -362,6 +365,8 @@ def _define_flags():
   flags.DEFINE_enum("verify_images", "header", ["header", "full"],
                     "Check image headers only, or decode every image.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
+  flags.DEFINE_string("split", None, "RLDS: the TFDS split to read (default: 'train', or the "
+                      "dataset's only split). LeRobot sources have no splits.")
   flags.mark_flags_as_required(["src", "dst"])
 
 
@@ -374,7 +379,7 @@ def main(argv):
     dst = prepare(f.src, f.dst, format=f.format, action_horizon=f.action_horizon,
                   num_workers=f.num_workers, skip_bad=f.skip_bad,
                   episodes_per_shard=f.episodes_per_shard, verify_images=f.verify_images,
-                  overwrite=f.overwrite)
+                  overwrite=f.overwrite, split=f.split)
   except (PrepareError, sources.SourceError) as e:
     raise SystemExit(f"prepare failed: {e}") from None
   m = open_prepared(dst).manifest

@@ -14,7 +14,8 @@ Output directory:
   manifest.json     what was converted and how; `complete: true` is written last, after every
       shard and the stats, and `open_prepared` refuses anything else:
         version (of this layout, 1), format ('lerobot_v2' | 'lerobot_v3' | 'rlds'),
-        source_version (e.g. 'v2.1'), source (absolute path), action_horizon, created,
+        source_version (e.g. 'v2.1'), source (absolute path), split (the TFDS split read, null
+        for LeRobot), action_horizon, created,
         record_codec, num_episodes, num_records (= num_frames), num_tasks, num_skipped,
         tasks [{task_index, task}] (the source's task table),
         features {name: {dtype, shape[, encoding]}} of a record,

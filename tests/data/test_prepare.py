@@ -84,12 +84,13 @@ def test_norm_stats_equal_numpy(name, prepared_dir, reference_episodes):
 
 def test_manifest_schema(prepared_dataset):
   m = prepare.open_prepared(prepared_dataset).manifest
-  for key in ("version", "format", "source_version", "source", "action_horizon", "num_episodes",
-              "num_records", "num_frames", "num_tasks", "num_skipped", "tasks", "features",
-              "shards", "episodes", "skipped", "norm_stats", "complete"):
+  for key in ("version", "format", "source_version", "source", "split", "action_horizon",
+              "num_episodes", "num_records", "num_frames", "num_tasks", "num_skipped", "tasks",
+              "features", "shards", "episodes", "skipped", "norm_stats", "complete"):
     assert key in m, key
   assert list(m)[-1] == "complete"  # written last
   assert m["format"] == "lerobot_v2" and m["source_version"] == "v2.1"
+  assert m["split"] is None  # LeRobot sources have no splits
   assert m["action_horizon"] == data_conftest.PREPARED_HORIZON
   assert m["features"]["actions"]["shape"] == [data_conftest.PREPARED_HORIZON, 7]
   assert m["features"]["state"]["shape"] == [8]

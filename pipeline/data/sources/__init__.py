@@ -3,7 +3,8 @@
 Supported (see `FORMATS`):
   * `lerobot_v2`: LeRobot codebase v2.0 / v2.1 parquet (`lerobot.LeRobotV2Source`).
   * `lerobot_v3`: LeRobot codebase v3.0 parquet, images only (`lerobot.LeRobotV3Source`).
-  * `rlds`: TFDS/RLDS TFRecord shards, e.g. openvla/modified_libero_rlds (`rlds.RldsSource`).
+  * `rlds`: TFDS/RLDS TFRecord or ArrayRecord shards of one split, e.g.
+    openvla/modified_libero_rlds (`rlds.RldsSource`).
 
 `open_source(root)` detects the format and returns a `Source`; every reader yields the same
 `Episode` (see `base`), which `validate_episode` checks.
@@ -64,12 +65,17 @@ def detect_format(root: str | os.PathLike) -> str:
   entries = sorted(p.name for p in root.iterdir())[:10]
   raise SourceError(
       f"cannot detect the format of {root}: expected meta/info.json (LeRobot v2.x/v3.0) or "
-      f"dataset_info.json with *.tfrecord* shards (RLDS) in it or up to two levels below; "
-      f"found {entries}")
+      f"dataset_info.json with *.tfrecord* or *.array_record* shards (RLDS) in it or up to two "
+      f"levels below; found {entries}")
 
 
-def open_source(root: str | os.PathLike, format: str = "auto") -> Source:
-  """Opens the dataset at `root` with the reader for `format` ('auto' detects it)."""
+def open_source(root: str | os.PathLike, format: str = "auto",
+                split: str | None = None) -> Source:
+  """Opens the dataset at `root` with the reader for `format` ('auto' detects it).
+
+  `split` names the TFDS split of an RLDS dataset to read (None: its default, see `rlds`);
+  LeRobot datasets have no splits and refuse any other value than None.
+  """
   if format == "auto":
     name = detect_format(root)
   else:
@@ -77,5 +83,5 @@ def open_source(root: str | os.PathLike, format: str = "auto") -> Source:
       raise SourceError(f"unknown format {format!r}; expected 'auto' or one of "
                         f"{sorted(FORMAT_ALIASES)}")
     name = FORMAT_ALIASES[format]
-  return _READERS[name](root)
+  return _READERS[name](root, split)
 

@@ -85,9 +85,11 @@ class Source:
   Attributes:
     format: one of FORMATS.
     version: the format's version as the dataset states it (e.g. 'v2.1', '1.0.0').
+    split: the split read (RLDS/TFDS); None for formats without splits.
   """
   format: str = ""
   version: str = ""
+  split: str | None = None
 
   def __init__(self, root: str | os.PathLike):
     self.root = Path(root)

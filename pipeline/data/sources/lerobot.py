@@ -5,6 +5,9 @@
   * v3.0: many episodes per parquet file, `meta/tasks.parquet`, `meta/episodes/...parquet` with
     each episode's global row range. Only image (PNG-in-parquet) features are readable;
     mp4-backed ("video") features are refused with an explanation.
+
+LeRobot datasets have no TFDS-style splits (`info.json`'s `splits` only names episode ranges of
+the one set, in practice `train` = all), so a reader reads every episode and refuses a `split`.
 """
 from __future__ import annotations
 
@@ -54,8 +57,11 @@ def _pick_column(features: dict, candidates: Sequence[str], role: str, where: st
 class _LeRobotBase(Source):
   """What v2 and v3 share: info.json, feature-to-role mapping, per-table decoding."""
 
-  def __init__(self, root):
+  def __init__(self, root, split: str | None = None):
     super().__init__(root)
+    if split is not None:
+      raise SourceError(f"{self.root}: a LeRobot dataset has no splits to choose from; "
+                        f"split {split!r} (--split) applies to RLDS sources only")
     self._info_path = self.root / "meta" / "info.json"
     if not self._info_path.is_file():
       raise SourceError(f"{self.root}: missing meta/info.json (not a LeRobot dataset?)")
@@ -90,8 +96,7 @@ class _LeRobotBase(Source):
             for role, key in self.role_columns.items()}
 
   def _columns(self) -> list[str]:
-    return [self.role_columns["image"], self.role_columns["wrist_image"], self.role_columns["state"],
-            self.role_columns["actions"], "task_index", "frame_index", "episode_index"]
+    return [*self.role_columns.values(), "task_index", "frame_index", "episode_index"]
 
   def _episode_from_table(self, table, episode_index: int, path: str, tasks: dict) -> Episode:
     """Converts the rows of one episode (a pyarrow Table) into an Episode."""
@@ -177,8 +182,8 @@ class LeRobotV2Source(_LeRobotBase):
   """LeRobot codebase v2.0 / v2.1: data/chunk-XXX/episode_XXXXXX.parquet."""
   format = "lerobot_v2"
 
-  def __init__(self, root):
-    super().__init__(root)
+  def __init__(self, root, split: str | None = None):
+    super().__init__(root, split)
     tasks_path = self.root / "meta" / "tasks.jsonl"
     if not tasks_path.is_file():
       raise SourceError(f"{self.root}: missing meta/tasks.jsonl")
@@ -232,8 +237,8 @@ class LeRobotV3Source(_LeRobotBase):
   """LeRobot codebase v3.0: data/chunk-XXX/file-XXX.parquet holding many episodes each."""
   format = "lerobot_v3"
 
-  def __init__(self, root):
-    super().__init__(root)
+  def __init__(self, root, split: str | None = None):
+    super().__init__(root, split)
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     tasks_path = self.root / "meta" / "tasks.parquet"

@@ -2,6 +2,7 @@
 images, laid out as openvla/modified_libero_rlds."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -72,10 +73,13 @@ def write_rlds_dataset(root, num_episodes: int, *, name: str = "libero_spatial",
                        num_shards: int = 2, image_size: int = 256, min_length: int = 12,
                        max_length: int = 20, seed: int = 0,
                        suites: Sequence[str] | None = None,
-                       episodes: Sequence[SyntheticEpisode] | None = None) -> Path:
-  """Writes an RLDS dataset version dir (dataset_info.json, features.json, TFRecord shards).
+                       episodes: Sequence[SyntheticEpisode] | None = None,
+                       split: str = "train") -> Path:
+  """Writes split `split` of an RLDS dataset version dir (dataset_info.json, features.json,
+  TFRecord shards).
 
-  Episodes fill the shards in contiguous blocks, in order.
+  Episodes fill the shards in contiguous blocks, in order. Writing another split into the same
+  dir adds it to dataset_info.json beside the ones there, as TFDS lists several splits.
   """
   root = Path(root)
   root.mkdir(parents=True, exist_ok=True)
@@ -88,21 +92,27 @@ def write_rlds_dataset(root, num_episodes: int, *, name: str = "libero_spatial",
   bounds = np.linspace(0, len(episodes), num_shards + 1).astype(int)
   shard_lengths, num_bytes = [], 0
   for s in range(num_shards):
-    path = root / f"{name}-train.tfrecord-{s:05d}-of-{num_shards:05d}"
+    path = root / f"{name}-{split}.tfrecord-{s:05d}-of-{num_shards:05d}"
     with open(path, "wb") as f:
       for i in range(bounds[s], bounds[s + 1]):
         ex = rlds_example(episodes[i], f"/data/{name}/demo_{i}.hdf5")
         f.write(tfrecord.frame_record(tfrecord.encode_example(ex)))
     shard_lengths.append(str(bounds[s + 1] - bounds[s]))
     num_bytes += path.stat().st_size
+  info_path = root / "dataset_info.json"
+  other_splits = []
+  if info_path.is_file():
+    with open(info_path, encoding="utf-8") as f:
+      other_splits = [s for s in json.load(f)["splits"] if s["name"] != split]
   info = {
       "fileFormat": "tfrecord",
       "moduleName": f"{name}_dataset_builder",
       "name": name,
-      "splits": [{"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-                  "name": "train", "numBytes": str(num_bytes), "shardLengths": shard_lengths}],
+      "splits": other_splits + [
+          {"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", "name": split,
+           "numBytes": str(num_bytes), "shardLengths": shard_lengths}],
       "version": "1.0.0",
   }
-  fileio.atomic_write_json(root / "dataset_info.json", info, indent=4)
+  fileio.atomic_write_json(info_path, info, indent=4)
   fileio.atomic_write_json(root / "features.json", _rlds_features_json(image_size), indent=4)
   return root
