@@ -34,11 +34,9 @@ def model_config() -> ml_collections.ConfigDict:
   m.vocab_size = 257_152
   m.dtype = "bfloat16"
   m.remat = True
-  m.energy_head = True
-  # Modes: monitor = both False; joint = use_energy_loss; energy only = train_only_energy_model
-  # (which wins over use_energy_loss).
-  m.use_energy_loss = False
-  m.train_only_energy_model = False
+  # off: no head; monitor: the head trains on stop-gradient inputs, the flow model as openpi;
+  # joint: flow + energy_weight * InfoNCE; energy_only: only the head trains (prefix forward only).
+  m.energy_mode = "monitor"
   m.energy_hidden = 512
   m.energy_heads = 8
   m.energy_layers = 4
@@ -50,17 +48,33 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """The loader's defaults (pipeline.data.loader) plus the training-side dataset fields."""
-  from pipeline.data import loader  # pylint: disable=g-import-not-at-top
+  """config.data: the prepared dataset, its source, the host transforms and the Grain loader."""
+  from pipeline.data import tokenizer  # pylint: disable=g-import-not-at-top
 
-  d = loader.default_data_config()
-  d.dataset_dir = "/data/pi0e/libero_arrayrecord"
+  d = ml_collections.ConfigDict()
+  d.dataset_dir = "/data/pi0e/libero_arrayrecord"  # ArrayRecord dir written by data.prepare
   # When the dataset has no manifest yet, train.run prepares it from source_dir first.
   d.source_dir = ""
+  d.source_format = "auto"
   # Write a procedural LIBERO-format source into source_dir when absent (smoke runs only).
   d.synthetic = False
   d.synthetic_episodes = 0
   d.synthetic_image_size = 64
+  d.tokenizer_path = tokenizer.PALIGEMMA_TOKENIZER
+  d.norm_stats_path = ""  # '' -> dataset_dir/norm_stats.json; else a file or a dir holding one
+  d.normalization = "zscore"  # pi0: zscore; pi05 / pi0-FAST: quantile
+  d.delta_action_dims = 0  # 6 with openpi pi0_libero norm stats (its extra delta transform)
+  d.eval_fraction = 0.05  # share of episodes held out for evaluation
+  d.split_seed = 0  # picks the held-out episodes; separate from shuffle_seed so they stay fixed
+  d.eval_repeat = False  # eval iterates once unless True
+  d.shuffle_seed = 0  # global shuffle order
+  d.augment = True  # device-side training augmentation in the train step (never in eval)
+  d.resize_on_device = True  # ship images at their stored size; False: resize on the host
+  d.num_workers = 4  # decoding worker processes per host (0: threads in the main process)
+  d.num_threads = 4  # reader threads, each building whole batches (per worker process)
+  d.prefetch = 4  # batches read ahead by the reader threads (per worker process)
+  d.worker_buffer = 2  # batches buffered per worker process
+  d.skip_bad_records = False  # True: drop records that fail to decode (logged, counted)
   return d
 
 
@@ -78,8 +92,9 @@ def optim_config() -> ml_collections.ConfigDict:
   o.weight_decay = 1e-10
   o.clip_norm = 1.0
   o.ema_decay = 0.99  # 0 disables EMA
-  # A parameter ('/'-joined pure-dict path, re.fullmatch) is trained iff it matches one of
-  # `trainable` and none of `frozen`. Frozen params get no gradient and no optimizer state.
+  # model.energy_mode decides what may train (energy_only: the head only); within that, a
+  # parameter ('/'-joined pure-dict path, re.fullmatch) trains iff it matches one of `trainable`
+  # and none of `frozen`. Frozen params get no gradient and no optimizer state.
   o.trainable = (".*",)
   o.frozen = ()
   return o

@@ -34,10 +34,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 from flax import traverse_util
 
-# Test hook: the process SIGKILLs itself right after the async save of this step has started,
-# before Orbax commits it (tests/test_multihost.py).
-KILL_DURING_SAVE_ENV = "PI0E_TEST_SIGKILL_DURING_SAVE"
-
 _SIGTERM = threading.Event()
 
 
@@ -112,9 +108,6 @@ class Checkpointer:
     saved = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       logging.info("checkpoint: saving step %d to %s (async)", step, self.directory)
-      if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-        logging.warning("test hook %s=%d: SIGKILL during the save", KILL_DURING_SAVE_ENV, step)
-        os.kill(os.getpid(), signal.SIGKILL)
     return saved
 
   def step_path(self, step: int) -> epath.Path:
@@ -179,6 +172,42 @@ def check_data_layout(saved: dict[str, Any], current: dict[str, Any], where: str
         f"{describe_topology(current)}. The model state would restore into the new mesh, but the "
         f"data-iterator position cannot be carried over when {', '.join(changed)} changes. "
         "Rerun with the saved values, or train in a new workdir.")
+
+
+def restore(ckpt: Checkpointer, step: int, abstract_state: Any, train_iter: Any,
+            topology: dict[str, Any]) -> tuple[Any, Any, Any]:
+  """(state, train iterator, saved unlogged metrics JSON) of a checkpoint step.
+
+  The state always restores into the shardings of `abstract_state`'s leaves (this run's mesh).
+  The data iterator continues where it stopped when the data layout is unchanged; after a change
+  of process count each process takes the shared position (every saved process consumed the same
+  number of batches, and the global order is split by stride, so the same global examples come
+  next); any other change of the data layout is an error.
+  """
+  where = str(ckpt.step_path(step))
+  saved = ckpt.restore_json(step, "topology")
+  metrics = ckpt.restore_json(step, "unlogged_metrics")
+  if saved is None or saved["process_count"] == topology["process_count"]:
+    if saved is not None:
+      check_data_layout(saved, topology, where)
+      if saved["mesh"] != topology["mesh"]:
+        logging.info("checkpoint: resharding state saved on mesh %s into mesh %s", saved["mesh"],
+                     topology["mesh"])
+    state, train_iter = ckpt.restore(step, abstract_state, train_iter)
+    return state, train_iter, metrics
+  check_data_layout(saved, topology, where)
+  states = list(ckpt.saved_data_iter_states(step).values())
+  if len(states) != saved["process_count"] or any(s != states[0] for s in states):
+    raise ValueError(
+        f"checkpoint {where} was saved by {saved['process_count']} processes whose data-iterator "
+        f"states differ ({len(states)} found), so they cannot be re-sharded over "
+        f"{topology['process_count']} processes; rerun with {saved['process_count']} processes")
+  state, _ = ckpt.restore(step, abstract_state)
+  train_iter.set_state(states[0])
+  logging.warning("checkpoint: saved by %d processes, restored into %d (mesh %s -> %s); the data "
+                  "stream continues at the same global position", saved["process_count"],
+                  topology["process_count"], saved["mesh"], topology["mesh"])
+  return state, train_iter, metrics
 
 
 # ---------------------------------------------------------------------------------------------

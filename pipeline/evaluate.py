@@ -6,12 +6,12 @@
 Restores the latest checkpoint in workdir/checkpoints (EMA params when the state has them and
 config.eval_use_ema, else the trained params) and measures on the eval split:
   flow_loss, energy_loss (InfoNCE at the configured batch), retrieval_accuracy, E_pos, E_neg
-    (pipeline.train's eval step);
+    (the trainer's eval step);
   sample_mse: MSE of model.sample_actions vs the ground-truth actions over the first
     energy_act_dim dims and the valid (not padded) steps, and sample_mse_refine_<step size>
     after energy refinement of the same samples, for each step size.
 The numbers go to TensorBoard under workdir (prefix 'eval/', at the checkpoint's step) and are
-printed as a table.
+printed as a table. The training loop evaluates with the same loop (`evaluate_split`).
 """
 from __future__ import annotations
 
@@ -25,17 +25,18 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from pipeline import checkpoint as checkpoint_lib
 from pipeline import metrics as metrics_lib
 from pipeline import sharding as sharding_lib
-from pipeline import train
+from pipeline import trainer as trainer_lib
+from pipeline.data import loader
+from pipeline.models import energy as energy_lib
 
 DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1)
 
 
-def make_sample_step(parts: train.ModelParts, *, num_steps: int = 10, refine_steps: int = 5,
+def make_sample_step(parts: trainer_lib.ModelParts, *, num_steps: int = 10, refine_steps: int = 5,
                      step_sizes: Sequence[float] = DEFAULT_STEP_SIZES,
                      max_step: float = 0.1) -> Callable:
   """(params, batch, rng) -> {name: (sum of squared errors, count)} of sampled actions.
@@ -45,8 +46,6 @@ def make_sample_step(parts: train.ModelParts, *, num_steps: int = 10, refine_ste
   `sample_actions(..., refine_steps=k, refine_step_size=s)` computes, without re-running the
   flow for every step size.
   """
-  from pipeline.models import energy as energy_lib  # pylint: disable=g-import-not-at-top
-
   step_sizes = tuple(float(s) for s in step_sizes)
   if refine_steps < 0:
     raise ValueError(f"--refine_steps must be >= 0, got {refine_steps}")
@@ -76,13 +75,14 @@ def make_sample_step(parts: train.ModelParts, *, num_steps: int = 10, refine_ste
   return sample_step
 
 
-def eval_metrics(trainer: train.Trainer, params: Any, batches: Iterable[Any], *, rng: jax.Array,
-                 num_batches: int | None = None, sample_step: Callable | None = None
-                 ) -> dict[str, float]:
-  """Loss metrics (mean over batches) and sample MSEs (exact over all valid entries).
+def evaluate(trainer: trainer_lib.Trainer, params: Any, batches: Iterable[Any], *,
+             rng: jax.Array, num_batches: int | None = None,
+             sample_step: Callable | None = None) -> tuple[dict[str, float], int]:
+  """(metrics, number of batches): eval-step means over batches, exact sample MSEs.
 
-  `batches` yields global batches (already on the trainer's mesh); `sample_step` is a jitted
-  make_sample_step (None skips sampling).
+  `batches` yields global batches (already on the trainer's mesh), at most `num_batches` are
+  used; `sample_step` is a jitted make_sample_step (None skips sampling). Batch i uses
+  fold_in(rng, i).
   """
   acc = metrics_lib.MeanAccumulator()
   sums: dict[str, list[float]] = {}
@@ -103,8 +103,17 @@ def eval_metrics(trainer: train.Trainer, params: Any, batches: Iterable[Any], *,
   out = acc.summary()
   for name, (err, count) in sums.items():
     out[name] = err / count if count else float("nan")
-  out["num_batches"] = float(n)
-  return out
+  return out, n
+
+
+def evaluate_split(trainer: trainer_lib.Trainer, params: Any, *, rng: jax.Array,
+                   num_batches: int | None = None,
+                   sample_step: Callable | None = None) -> tuple[dict[str, float], int]:
+  """`evaluate` over this run's held-out split (config.data), read and closed here."""
+  with loader.open_iterator(trainer.config, "eval") as it:
+    batches = (loader.to_global_batch(b, trainer.batch_sharding) for b in it)
+    return evaluate(trainer, params, batches, rng=rng, num_batches=num_batches,
+                    sample_step=sample_step)
 
 
 def format_table(step: int, values: dict[str, float]) -> str:
@@ -125,12 +134,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
   num_batches: -1 = config.eval_batches, None or 0 = the whole eval split.
   use_ema: None = config.eval_use_ema.
   """
-  config = train.resolve_paths(config, workdir)
+  config = loader.resolve_paths(config, workdir)
   if mesh is None:
     mesh = sharding_lib.make_mesh(config.mesh.fsdp)
   sharding_lib.check_batch_size(config.batch_size, mesh)
-  trainer = train.Trainer(config, mesh)
-  trainer.init_rest(jax.random.key(config.seed))
+  trainer = trainer_lib.Trainer(config, mesh)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, save_every=max(int(config.save_every), 1))
   try:
@@ -141,7 +149,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
   finally:
     ckpt.close()
   use_ema = config.eval_use_ema if use_ema is None else use_ema
-  params = train.eval_params(state, trainer.mask, use_ema)
+  params = trainer_lib.eval_params(state, trainer.mask, use_ema)
   if num_batches == -1:
     num_batches = config.eval_batches
   sample_step = jax.jit(
@@ -149,15 +157,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
                        step_sizes=step_sizes, max_step=max_step),
       in_shardings=(trainer.param_shardings, trainer.batch_sharding, trainer.replicated),
       out_shardings=trainer.replicated)
-  it = iter(train.make_dataset(config, "eval"))
-  try:
-    batches = (train.to_global_batch(b, mesh) for b in it)
-    values = eval_metrics(trainer, params, batches, rng=jax.random.key(config.seed + 1),
-                          num_batches=num_batches or None, sample_step=sample_step)
-  finally:
-    close = getattr(it, "close", None)
-    if close is not None:
-      close()
+  values, n = evaluate_split(trainer, params, rng=jax.random.key(config.seed + 1),
+                             num_batches=num_batches or None, sample_step=sample_step)
+  values["num_batches"] = float(n)
   values["uses_ema"] = float(bool(use_ema and state.ema is not None))
   out = {f"eval/{k}": v for k, v in values.items()}
   if write:

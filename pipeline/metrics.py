@@ -1,12 +1,19 @@
-"""Metric writers, metric aggregation between log steps, and periodic actions (clu)."""
+"""Metric writers (TensorBoard, log, metrics.jsonl), aggregation between log steps, periodic
+actions (clu)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+import json
+import os
 from typing import Any
 
 import jax
 import numpy as np
 from clu import metric_writers, periodic_actions
+
+from pipeline import fileio
+
+METRICS_JSONL = "metrics.jsonl"
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -54,3 +61,91 @@ def make_periodic_actions(config, workdir: str, writer: metric_writers.MetricWri
         first_profile=config.profile.first_step, every_secs=config.profile.every_secs))
   return hooks
 
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Scalars as one JSON line per write ({"step": s, name: value, ...}) in workdir/metrics.jsonl.
+
+  A machine-readable log next to the TensorBoard events; lines are flushed as written, so a killed
+  run leaves whole lines (a torn last line is dropped by `truncate`).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._file = open(path, "a")
+
+  @staticmethod
+  def truncate(path: str, last_step: int) -> None:
+    """Drops lines after `last_step`: a resumed run rewrites them, each step stays logged once."""
+    if not os.path.exists(path):
+      return
+    keep = []
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if row.get("step", 0) <= last_step:
+          keep.append(line if line.endswith("\n") else line + "\n")
+    fileio.atomic_write_text(path, "".join(keep))
+
+  def write_scalars(self, step, scalars):
+    row = {"step": int(step)}
+    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + "\n")
+    self._file.flush()
+
+  # Only scalars go to the JSONL log.
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def make_train_writer(workdir: str, start_step: int) -> metric_writers.MetricWriter:
+  """clu default writer (TensorBoard on process 0, log lines) + metrics.jsonl on process 0.
+
+  The JSONL log is local-disk only (it is appended to, which object stores such as gs:// lack).
+  """
+  writer = create_writer(workdir)
+  if jax.process_index() != 0 or "://" in workdir:
+    return writer
+  path = os.path.join(workdir, METRICS_JSONL)
+  JsonlWriter.truncate(path, start_step)
+  return metric_writers.MultiWriter([writer, JsonlWriter(path)])
+
+
+def steps_to_json(steps: list[Mapping[str, Any]]) -> dict[str, Any]:
+  """Per-step metrics with their dtypes, so restored means are bitwise those of an unbroken run."""
+  fetched = jax.device_get(steps)
+  return {"steps": [{k: [np.asarray(v).item(), str(np.asarray(v).dtype)] for k, v in m.items()}
+                    for m in fetched]}
+
+
+def steps_from_json(saved: Mapping[str, Any] | None) -> list[dict[str, np.ndarray]]:
+  if not saved:
+    return []
+  return [{k: np.asarray(v, dtype=dt) for k, (v, dt) in m.items()} for m in saved["steps"]]

@@ -60,9 +60,6 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     raise ValueError(
         f"config.batch_size={global_batch} is not divisible by the data-parallel size {dp} "
         f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
-  if global_batch % jax.process_count():
-    raise ValueError(f"config.batch_size={global_batch} is not divisible by the process count "
-                     f"{jax.process_count()}")
 
 
 def key_str(k: Any) -> str:

@@ -13,22 +13,22 @@ from configs import energy_only
 from pipeline import checkpoint
 from pipeline import optim
 from pipeline import sharding
-from pipeline import train
+from pipeline import trainer as trainer_lib
 from tests import train_fakes
 
 
 def _state_and_shardings(mesh, seed=0):
   c = energy_only.get_config("smoke")
-  parts = train.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
-  params, _ = parts.init(jax.random.key(seed))
-  mask = optim.trainable_mask(params, c.optim.trainable)
+  parts = trainer_lib.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
+  params = parts.init(jax.random.key(seed))
+  mask = trainer_lib.trainable_mask(c, params)
   tx = optim.make_optimizer(c.optim, optim.labels(mask))
-  init = train.make_init_state_fn(tx, mask, 0.9, seed=seed)
+  init = trainer_lib.make_init_state_fn(tx, mask, 0.9, seed=seed)
   abstract = jax.eval_shape(init, params)
   specs = sharding.param_specs(params, mesh, [(".*", "fsdp")], 0)
-  shardings = sharding.to_named(mesh, train.state_specs(abstract, specs))
+  shardings = sharding.to_named(mesh, trainer_lib.state_specs(abstract, specs))
   state = jax.jit(init, out_shardings=shardings)(params)
-  return state, train.with_shardings(abstract, shardings)
+  return state, trainer_lib.with_shardings(abstract, shardings)
 
 
 def _iterator():
@@ -88,7 +88,7 @@ def _write_openpi(path, params):
 
 
 def _target(mesh=None):
-  parts = train.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
+  parts = trainer_lib.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
   return parts.abstract_params
 
 
@@ -121,12 +121,12 @@ def openpi_checkpoint_module():
 def test_load_weights_into_shardings(tmp_path, openpi_checkpoint_module):
   del openpi_checkpoint_module
   mesh = sharding.make_mesh(4)
-  parts = train.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
-  params, _ = parts.init(jax.random.key(3))
+  parts = trainer_lib.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
+  params = parts.init(jax.random.key(3))
   source = {k: v for k, v in params.items() if k != "energy"}  # openpi weights: no energy head
   _write_openpi(tmp_path / "params", source)
   specs = sharding.param_specs(parts.abstract_params, mesh, [(".*", "fsdp")], 0)
-  target = train.with_shardings(parts.abstract_params, sharding.to_named(mesh, specs))
+  target = trainer_lib.with_shardings(parts.abstract_params, sharding.to_named(mesh, specs))
   loaded, missing = checkpoint.load_weights(str(tmp_path / "params"), target,
                                             missing_ok="energy/.*")
   assert missing == ["energy/out/bias", "energy/out/kernel"] and "energy" not in loaded

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -36,11 +37,36 @@ def test_real_run_defaults(name):
 
 def test_modes():
   p, e, j = pi0_libero.get_config(), energy_only.get_config(), joint.get_config()
-  assert (p.model.use_energy_loss, p.model.train_only_energy_model) == (False, False)
+  assert p.model.energy_mode == "monitor"
   assert p.optim.trainable == (".*",) and p.optim.frozen == ()
-  assert e.model.train_only_energy_model and e.optim.trainable == ("energy/.*",)
-  assert j.model.use_energy_loss and not j.model.train_only_energy_model
+  assert e.model.energy_mode == "energy_only" and e.optim.trainable == (".*",)
+  assert j.model.energy_mode == "joint"
   assert j.model.energy_weight == 0.1
+
+
+def _trained(config):
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from pipeline import trainer  # pylint: disable=g-import-not-at-top
+  params = {"energy": {"head": {"w": np.zeros(2)}, "enc": {"w": np.zeros(2)}},
+            "PaliGemma": {"llm": {"w": np.zeros(2)}}}
+  mask = traverse_util.flatten_dict(trainer.trainable_mask(config, params), sep="/")
+  return sorted(k for k, v in mask.items() if v)
+
+
+def test_trainable_set_follows_the_mode_and_optim_narrows_it():
+  assert _trained(energy_only.get_config()) == ["energy/enc/w", "energy/head/w"]
+  assert _trained(joint.get_config()) == ["PaliGemma/llm/w", "energy/enc/w", "energy/head/w"]
+  c = energy_only.get_config()
+  c.optim.trainable = ("energy/head/.*",)
+  assert _trained(c) == ["energy/head/w"]
+  c = pi0_libero.get_config()
+  c.optim.frozen = ("energy/.*",)
+  assert _trained(c) == ["PaliGemma/llm/w"]
+  c = energy_only.get_config()
+  c.optim.trainable = ("PaliGemma/.*",)  # cannot widen the mode
+  with pytest.raises(ValueError, match="leaves no trainable parameter within "
+                     "model.energy_mode='energy_only'"):
+    _trained(c)
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

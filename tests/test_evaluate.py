@@ -8,6 +8,8 @@ from configs import energy_only
 from pipeline import evaluate
 from pipeline import sharding
 from pipeline import train
+from pipeline import trainer as trainer_lib
+from pipeline.data import loader
 from tests.data.conftest import prepared_dataset  # pylint: disable=unused-import
 from tests.test_train import read_scalars
 
@@ -66,7 +68,7 @@ def test_prints_table_and_writes_eval_scalars(trained, evaluated):
 
 
 def test_loss_metrics_match_the_training_eval(trained, evaluated):
-  """Same params (EMA), batches and rng as train.run_eval -> the same loss numbers."""
+  """Same params (EMA), batches and rng as the training run's evaluation -> the same numbers."""
   scalars = read_scalars(trained["workdir"])
   # The training run evaluated config.eval_batches = 1 batch at its last step.
   _, one = evaluate.evaluate_workdir(trained["config"], trained["workdir"],
@@ -81,11 +83,10 @@ def test_loss_metrics_match_the_training_eval(trained, evaluated):
 
 def test_sample_mse_matches_sample_actions_reference(trained):
   """The jitted sample step equals a numpy MSE over model.sample_actions (refined or not)."""
-  config = train.resolve_paths(trained["config"], trained["workdir"])
-  trainer = train.Trainer(config, one_device_mesh())
-  trainer.init_rest(jax.random.key(config.seed))
+  config = loader.resolve_paths(trained["config"], trained["workdir"])
+  trainer = trainer_lib.Trainer(config, one_device_mesh())
   params = trained["state"].params
-  batch = next(iter(train.make_dataset(config, "eval")))
+  batch = next(iter(loader.make_dataset(config, split="eval")))
   batch = dict(batch)
   batch["actions_is_pad"] = batch["actions_is_pad"].copy()
   batch["actions_is_pad"][0, -3:] = True  # some padded steps must be excluded

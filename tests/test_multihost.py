@@ -20,8 +20,10 @@ from configs import energy_only
 from pipeline import checkpoint
 from pipeline import launch_local
 from pipeline import sharding
-from pipeline import train
+from pipeline import metrics
+from pipeline import trainer as trainer_lib
 from pipeline.data import loader
+from pipeline.data import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -35,7 +37,7 @@ def shared(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   config = energy_only.get_config("smoke")
   config.data.synthetic_episodes = 16
-  train.prepare_data(train.resolve_paths(config, str(root)))
+  prepare.ensure_from_config(loader.resolve_paths(config, str(root)))
   cache = root / "xla_cache"
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -51,11 +53,12 @@ def main_args(shared, workdir, *extra):
           "--config.data.source_dir=", *extra]
 
 
-def launch(shared, workdir, num_processes, *, env=None, extra=()):
+def launch(shared, workdir, num_processes, *, env=None, extra=(), module="pipeline.main"):
   devices = 8 // num_processes  # the same 8 devices (data=8 mesh) in every layout
   return launch_local.spawn(
       main_args(shared, workdir, *extra), num_processes=num_processes, cpu_devices=devices,
-      env=dict(shared["env"], **(env or {})), log_dir=os.path.join(workdir, "logs"), cwd=REPO)
+      env=dict(shared["env"], **(env or {})), log_dir=os.path.join(workdir, "logs"), cwd=REPO,
+      module=module)
 
 
 def logs(workdir):
@@ -75,7 +78,7 @@ def run_to_end(shared, workdir, num_processes, **kwargs):
 def train_metrics(workdir):
   """{step: {name: value}} of the train/ scalars in metrics.jsonl (each step must appear once)."""
   out = {}
-  with open(os.path.join(workdir, train.METRICS_JSONL)) as f:
+  with open(os.path.join(workdir, metrics.METRICS_JSONL)) as f:
     for line in f:
       row = json.loads(line)
       scalars = {k: v for k, v in row.items() if k.startswith("train/")}
@@ -88,7 +91,7 @@ def train_metrics(workdir):
 def final_params(workdir, step=STEPS):
   """Params of a checkpoint, restored in this process (any saving topology)."""
   config = energy_only.get_config("smoke")
-  trainer = train.Trainer(config, sharding.make_mesh(1))
+  trainer = trainer_lib.Trainer(config, sharding.make_mesh(1))
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=SAVE_EVERY)
   try:
     state, _ = ck.restore(step, trainer.abstract_state)
@@ -148,7 +151,7 @@ def test_two_processes_match_one_process(one_process, two_processes):
 
 
 def _wait_for_step(workdir, step, procs, timeout=TIMEOUT):
-  path = os.path.join(workdir, train.METRICS_JSONL)
+  path = os.path.join(workdir, metrics.METRICS_JSONL)
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if any(p.poll() is not None for p in procs):
@@ -202,7 +205,8 @@ def test_sigterm_single_process_saves_and_resumes_exactly(shared, one_process):
 def test_sigkill_during_async_save_resumes_from_last_complete(shared, one_process):
   workdir = str(shared["root"] / "sigkill")
   kill_step = 2 * SAVE_EVERY
-  procs = launch(shared, workdir, 1, env={checkpoint.KILL_DURING_SAVE_ENV: str(kill_step)})
+  procs = launch(shared, workdir, 1, env={"KILL_DURING_SAVE_STEP": str(kill_step)},
+                 module="tests.kill_during_save")
   codes = launch_local.wait(procs, TIMEOUT)
   assert codes == [-signal.SIGKILL], (codes, logs(workdir)[0][-3000:])
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -243,12 +247,13 @@ def test_main_exits_nonzero_with_message(shared, tmp_path):
 
 
 def _restore(workdir, config, mesh):
-  trainer = train.Trainer(config, mesh)
+  trainer = trainer_lib.Trainer(config, mesh)
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=SAVE_EVERY)
-  it = iter(train.make_dataset(config, "train"))
+  it = iter(loader.make_dataset(config, split="train"))
   try:
-    return train.restore_checkpoint(ck, ck.latest_step(), trainer, it,
-                                    checkpoint.topology(config, mesh))
+    state, it, saved = checkpoint.restore(ck, ck.latest_step(), trainer.abstract_state, it,
+                                          checkpoint.topology(config, mesh))
+    return state, it, metrics.steps_from_json(saved)
   finally:
     ck.close()
 
@@ -270,7 +275,7 @@ def test_restore_into_other_process_count_and_mesh(shared, two_processes):
     # Next global batch in 1 process == the two processes' next batches together.
     batch = next(it)
   finally:
-    train._close(it)  # pylint: disable=protected-access
+    it.close()
   ck = checkpoint.Checkpointer(os.path.join(two_processes, "checkpoints"), save_every=SAVE_EVERY)
   saved = ck.saved_data_iter_states(STEPS)
   ck.close()
@@ -279,7 +284,7 @@ def test_restore_into_other_process_count_and_mesh(shared, two_processes):
     it2 = iter(loader.make_dataset(config, split="train", process_index=i, process_count=2))
     it2.set_state(saved[f"process_{i}-of-2.json"])
     parts.append(next(it2)["actions"])
-    train._close(it2)  # pylint: disable=protected-access
+    it2.close()
 
   def rows(a):
     return sorted(map(bytes, np.asarray(a).reshape(len(a), -1)))
@@ -299,17 +304,16 @@ def test_restore_refuses_a_changed_data_layout(shared, two_processes):
 
 def test_unlogged_metrics_survive_a_checkpoint_bitwise():
   """Steps since the last log line go into the checkpoint; the resumed means are the same bits."""
-  from pipeline import metrics  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   steps = [{"loss": jax.numpy.asarray(rng.normal(), jax.numpy.float32),
             "bad_step": jax.numpy.zeros((), jax.numpy.float32)} for _ in range(3)]
-  saved = json.loads(json.dumps(train._metrics_to_json(steps)))  # pylint: disable=protected-access
+  saved = json.loads(json.dumps(metrics.steps_to_json(steps)))
   ref, got = metrics.MeanAccumulator(), metrics.MeanAccumulator()
   for m in steps:
     ref.add(m)
-  for m in train._metrics_from_json(saved):  # pylint: disable=protected-access
+  for m in metrics.steps_from_json(saved):
     got.add(m)
   ref.add({"loss": np.float32(0.5), "bad_step": np.float32(0)})
   got.add({"loss": np.float32(0.5), "bad_step": np.float32(0)})
   assert got.summary() == ref.summary()
-  assert train._metrics_from_json(None) == []  # pylint: disable=protected-access
+  assert metrics.steps_from_json(None) == []

@@ -1,4 +1,5 @@
 """Freeze labels, optimizer (vs a numpy AdamW), schedules, EMA and the train step's update rules."""
+import functools
 import math
 
 import jax
@@ -10,7 +11,7 @@ from flax import traverse_util
 
 from configs import energy_only
 from pipeline import optim
-from pipeline import train
+from pipeline import trainer as trainer_lib
 from tests import train_fakes
 
 PARAMS = {"PaliGemma": {"img": {"w": np.ones((3, 2), np.float32)},
@@ -121,13 +122,13 @@ def tiny_step():
   c.optim.schedule = "constant"
   c.optim.peak_lr = 0.05
   c.optim.ema_decay = 0.5
-  parts = train.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
-  params, parts.rest = parts.init(jax.random.key(0))
-  mask = optim.trainable_mask(params, c.optim.trainable)
+  parts = trainer_lib.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
+  params = parts.init(jax.random.key(0))
+  mask = trainer_lib.trainable_mask(c, params)
   sched = optim.make_schedule(c.optim)
   tx = optim.make_optimizer(c.optim, optim.labels(mask), sched)
-  step_fn = train.make_train_step(parts, tx, mask, sched, c.optim.ema_decay)
-  init = train.make_init_state_fn(tx, mask, c.optim.ema_decay, seed=0)
+  step_fn = trainer_lib.make_train_step(parts, tx, mask, sched, c.optim.ema_decay)
+  init = trainer_lib.make_init_state_fn(tx, mask, c.optim.ema_decay, seed=0)
   return dict(parts=parts, params=params, mask=mask, step=jax.jit(step_fn), raw_step=step_fn,
               init=init)
 
@@ -160,7 +161,8 @@ def test_grads_only_for_trainable(tiny_step):
   t = tiny_step
   tr, fr = optim.split(t["params"], t["mask"])
   b = jax.tree.map(jnp.asarray, train_fakes.batch())
-  (_, _), grads = jax.eval_shape(t["raw_step"].grads_fn, tr, fr, jax.random.key(0), b)
+  (_, _), grads = jax.eval_shape(functools.partial(trainer_lib.loss_and_grads, t["parts"]),
+                                 tr, fr, jax.random.key(0), b)
   paths = ["/".join(map(str, k)) for k in traverse_util.flatten_dict(grads)]
   assert paths and all(p.startswith("energy/") for p in paths), paths
   # Lowered step: 4 forward matmuls + 1 for the head kernel's gradient. The gradient w.r.t. the
@@ -172,8 +174,8 @@ def test_grads_only_for_trainable(tiny_step):
   c = energy_only.get_config("smoke").optim
   all_mask = optim.trainable_mask(t["params"], [".*"])
   tx = optim.make_optimizer(c, optim.labels(all_mask))
-  full_step = train.make_train_step(t["parts"], tx, all_mask, optim.make_schedule(c), 0.0)
-  full_state = train.make_init_state_fn(tx, all_mask, 0.0, seed=0)(t["params"])
+  full_step = trainer_lib.make_train_step(t["parts"], tx, all_mask, optim.make_schedule(c), 0.0)
+  full_state = trainer_lib.make_init_state_fn(tx, all_mask, 0.0, seed=0)(t["params"])
   assert jax.jit(full_step).lower(full_state, b).as_text().count("dot_general") == 4 + 2 * 3 + 1
 
 

@@ -1,4 +1,5 @@
 """End to end: smoke training, energy-only freezing, resume, FSDP on 8 devices, NaN guard."""
+import functools
 import glob
 import os
 import time
@@ -15,6 +16,8 @@ from pipeline import checkpoint
 from pipeline import optim
 from pipeline import sharding
 from pipeline import train
+from pipeline import trainer as trainer_lib
+from pipeline.data import loader
 
 STEPS = 60
 
@@ -96,8 +99,7 @@ def test_smoke_trains_energy(smoke):
 
 def test_energy_only_freezes_everything_else(smoke):
   config = smoke["config"]
-  trainer = train.Trainer(train.resolve_paths(config, smoke["workdir"]), one_device_mesh())
-  trainer.init_rest(jax.random.key(config.seed))
+  trainer = trainer_lib.Trainer(loader.resolve_paths(config, smoke["workdir"]), one_device_mesh())
   init = flat(trainer.init_params(jax.random.key(config.seed)))
   final = flat(smoke["state"].params)
   energy = [k for k in init if k.startswith("energy/")]
@@ -117,33 +119,33 @@ def test_energy_only_freezes_everything_else(smoke):
   # The step differentiates the energy subtree only.
   tr, fr = optim.split(trainer.parts.abstract_params, trainer.mask)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), next(iter(
-      train.make_dataset(train.resolve_paths(config, smoke["workdir"]), "eval"))))
-  step_fn = train.make_train_step(trainer.parts, trainer.tx, trainer.mask, trainer.schedule, 0.0)
-  (_, _), grads = jax.eval_shape(step_fn.grads_fn, tr, fr, jax.random.key(0), batch)
+      loader.make_dataset(loader.resolve_paths(config, smoke["workdir"]), split="eval"))))
+  (_, _), grads = jax.eval_shape(functools.partial(trainer_lib.loss_and_grads, trainer.parts),
+                                 tr, fr, jax.random.key(0), batch)
   assert set(flat(jax.tree.map(lambda x: np.zeros(()), grads))) == set(energy)
 
 
 def test_rerun_resumes_from_latest_checkpoint(smoke, tmp_path, monkeypatch):
   workdir = str(tmp_path)
   config = smoke_config()
-  real = train.to_global_batch
+  real = loader.to_global_batch
   calls = {"n": 0}
 
   class Crash(Exception):
     pass
 
-  def crashing(batch, mesh):
+  def crashing(batch, batch_sharding):
     calls["n"] += 1
     if calls["n"] > 45:  # dies during step 46; the last checkpoint is step 40
       raise Crash()
-    return real(batch, mesh)
+    return real(batch, batch_sharding)
 
-  monkeypatch.setattr(train, "to_global_batch", crashing)
+  monkeypatch.setattr(loader, "to_global_batch", crashing)
   with pytest.raises(Crash):
     train.run(config, workdir, one_device_mesh())
   ck = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=20)
   assert ck.all_steps() == [20, 40]
-  monkeypatch.setattr(train, "to_global_batch", real)
+  monkeypatch.setattr(loader, "to_global_batch", real)
 
   state = train.run(config, workdir, one_device_mesh())  # the same command again
   assert int(state.step) == STEPS
@@ -170,11 +172,10 @@ def test_fsdp_2x4_matches_one_device(smoke):
   config.optim.ema_decay = 0.0
   config.data.dataset_dir = os.path.join(smoke["workdir"], "data")
   config.sharding.min_size_mib = 0.0
-  batch_np = next(iter(train.make_dataset(config, "train")))
+  batch_np = next(iter(loader.make_dataset(config, split="train")))
   results = {}
   for name, mesh in (("one", one_device_mesh()), ("fsdp", sharding.make_mesh(4))):
-    trainer = train.Trainer(config, mesh)
-    trainer.init_rest(jax.random.key(config.seed))
+    trainer = trainer_lib.Trainer(config, mesh)
     state = trainer.new_state()
     if name == "fsdp":
       assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
@@ -183,7 +184,7 @@ def test_fsdp_2x4_matches_one_device(smoke):
       assert emb.addressable_shards[0].data.size == emb.size // 4
       sharded = [x for x in jax.tree.leaves(state.params) if "fsdp" in x.sharding.spec]
       assert len(sharded) > len(jax.tree.leaves(state.params)) // 2
-    batch = train.to_global_batch(batch_np, mesh)
+    batch = loader.to_global_batch(batch_np, sharding.batch_sharding(mesh))
     new_state, metrics = trainer.train_step(state, batch)
     results[name] = (jax.device_get(metrics), flat(new_state.params))
   (m1, p1), (m8, p8) = results["one"], results["fsdp"]
@@ -204,21 +205,21 @@ def test_non_finite_steps_stop_the_run(smoke, tmp_path, monkeypatch):
   config.data.dataset_dir = os.path.join(smoke["workdir"], "data")
   config.data.synthetic = False
   config.data.source_dir = ""
-  real = train.to_global_batch
+  real = loader.to_global_batch
   calls = {"n": 0}
 
-  def poisoned(batch, mesh):
+  def poisoned(batch, batch_sharding):
     calls["n"] += 1
     if calls["n"] >= 6:
       batch = dict(batch, actions=np.full_like(batch["actions"], np.nan))
-    return real(batch, mesh)
+    return real(batch, batch_sharding)
 
-  monkeypatch.setattr(train, "to_global_batch", poisoned)
+  monkeypatch.setattr(loader, "to_global_batch", poisoned)
   with pytest.raises(FloatingPointError, match=r"config.max_bad_steps=3"):
     train.run(config, str(tmp_path), one_device_mesh())
   ck = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"), save_every=4)
   assert ck.latest_step() == 4  # nothing saved once bad steps started
-  trainer = train.Trainer(config, one_device_mesh())
+  trainer = trainer_lib.Trainer(config, one_device_mesh())
   state, _ = ck.restore(4, trainer.abstract_state)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
 
@@ -226,8 +227,8 @@ def test_non_finite_steps_stop_the_run(smoke, tmp_path, monkeypatch):
 def test_init_weights_merged_into_fresh_tree(smoke, tmp_path):
   """openpi-layout weights without the energy head: loaded params + freshly initialized head."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  config = train.resolve_paths(smoke["config"], smoke["workdir"])
-  trainer = train.Trainer(config, one_device_mesh())
+  config = loader.resolve_paths(smoke["config"], smoke["workdir"])
+  trainer = trainer_lib.Trainer(config, one_device_mesh())
   fresh = flat(trainer.init_params(jax.random.key(config.seed)))
   rng = np.random.default_rng(0)
   weights = {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in fresh.items()
@@ -236,7 +237,7 @@ def test_init_weights_merged_into_fresh_tree(smoke, tmp_path):
       {("params",) + tuple(k.split("/")) + ("value",): v for k, v in weights.items()})
   ocp.PyTreeCheckpointer().save(str(tmp_path / "params"), stored)
   config.init.weights = str(tmp_path / "params")
-  state = train.Trainer(config, one_device_mesh()).new_state()
+  state = trainer_lib.Trainer(config, one_device_mesh()).new_state()
   got = flat(state.params)
   for k in fresh:
     np.testing.assert_array_equal(got[k], fresh[k] if k.startswith("energy/") else weights[k],
@@ -250,7 +251,7 @@ def test_init_weights_merged_into_fresh_tree(smoke, tmp_path):
   ocp.PyTreeCheckpointer().save(str(tmp_path / "bad"), stored)
   config.init.weights = str(tmp_path / "bad")
   with pytest.raises(ValueError, match=f"shape mismatch for param {k0}"):
-    train.Trainer(config, one_device_mesh()).new_state()
+    trainer_lib.Trainer(config, one_device_mesh()).new_state()
 
 
 def test_preemption_saves_and_returns(smoke, tmp_path, monkeypatch):
@@ -283,7 +284,7 @@ def test_profile_trace_written(smoke, tmp_path):
 def test_real_energy_only_config_plans_fsdp_abstractly():
   """Full-size Pi0 (abstract only): FSDP over 8 devices, optimizer state for the head only."""
   config = energy_only.get_config()
-  trainer = train.Trainer(config, sharding.make_mesh(config.mesh.fsdp))
+  trainer = trainer_lib.Trainer(config, sharding.make_mesh(config.mesh.fsdp))
   shapes = {"/".join(map(str, k)): x for k, x in
             traverse_util.flatten_dict(trainer.abstract_state.params).items()}
   assert len(shapes) > 50

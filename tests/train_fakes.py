@@ -15,8 +15,8 @@ class TinyNet(nnx.Module):
         layers=nnx.List([nnx.Linear(cfg.width, cfg.width, rngs=rngs) for _ in range(2)]))
     self.energy = nnx.Dict(out=nnx.Linear(cfg.width, cfg.dout, rngs=rngs))
 
-  def compute_train_loss(self, rng, obs, actions, *, train=True):
-    del train
+  def compute_train_loss(self, rng, obs, actions, *, train=True, augment=False):
+    del train, augment
     h = jnp.tanh(self.backbone["embed"](obs["x"]))
     for layer in self.backbone["layers"]:
       h = jnp.tanh(layer(h))

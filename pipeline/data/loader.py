@@ -6,9 +6,9 @@ worker processes when num_workers > 0) -> per-process batch. Every process shuff
 the strides are disjoint and together cover the global order. Images leave the host as uint8 at
 their stored size (the dataset's first record sets it per camera; other frames are resized to it):
 the model resizes them with padding to its size on the device (config.data.resize_on_device=False
-does that on the host instead). Training augmentation also runs on the device in the train step
-(pipeline.data.augment, keyed by step and position in the global batch), so the host chain stays
-close to decode cost.
+does that on the host instead). Training augmentation also runs on the device, in the model's
+preprocessing (pipeline.models.preprocess, keyed by step and position in the global batch), so the
+host chain stays close to decode cost.
 
 Eval: records of the held-out episodes in one fixed shuffled order (so a batch mixes episodes), once
 (optionally repeated); the split is truncated to whole global batches so every
@@ -23,14 +23,14 @@ batch, process count and worker count are unchanged.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import copy
 import logging
 import os
-import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
@@ -44,30 +44,6 @@ MANIFEST = prepare.MANIFEST
 NORM_STATS = prepare.NORM_STATS
 
 _log = logging.getLogger(__name__)
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults of config.data (for the real LIBERO run; smoke configs override paths and sizes)."""
-  return ml_collections.ConfigDict(dict(
-      dataset_dir="",  # ArrayRecord dir written by pipeline.data.prepare
-      source_dir="",  # raw dataset that prepare converts into dataset_dir
-      source_format="auto",
-      tokenizer_path=tokenizer_lib.PALIGEMMA_TOKENIZER,
-      norm_stats_path="",  # '' -> dataset_dir/norm_stats.json; else a file or a dir holding one
-      normalization="zscore",  # pi0: zscore; pi05 / pi0-FAST: quantile
-      delta_action_dims=0,  # 6 with openpi pi0_libero norm stats (its extra delta transform)
-      eval_fraction=0.05,  # share of episodes held out for evaluation
-      split_seed=0,  # picks the held-out episodes; separate from shuffle_seed so they stay fixed
-      eval_repeat=False,  # eval iterates once unless True
-      shuffle_seed=0,  # global shuffle order
-      augment=True,  # device-side training augmentation in the train step (never in eval)
-      resize_on_device=True,  # ship images at their stored size; False: resize on the host
-      num_workers=4,  # decoding worker processes per host (0: threads in the main process)
-      num_threads=4,  # reader threads, each building whole batches (per worker process)
-      prefetch=4,  # batches read ahead by the reader threads (per worker process)
-      worker_buffer=2,  # batches buffered per worker process
-      skip_bad_records=False,  # True: drop records that fail to decode (logged, counted)
-  ))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +164,7 @@ class _SplitSource(grain.sources.RandomAccessDataSource):
     return f"_SplitSource({len(self._paths)} shards, {len(self._indices)} records)"
 
 
-class _Apply:
+class FrameMap:
   """Per-element map: (record index, bytes) -> example, or None for a skipped record."""
 
   def __init__(self, transform: transforms.FrameTransform, skip_bad: bool):
@@ -208,24 +184,12 @@ class _Apply:
       return None
 
 
-def _decode_only(item: tuple[int, bytes]) -> dict[str, np.ndarray]:
-  return transforms.decode_images_only(item[1])
-
-
 def _not_none(x: Any) -> bool:
   return x is not None
 
 
-def _cfg(config: ml_collections.ConfigDict, key: str) -> Any:
-  """config.data.<key>, falling back to default_data_config() for keys a config leaves out."""
-  data = config.data
-  if key in data:
-    return data[key]
-  return default_data_config()[key]
-
-
 def _norm_stats_path(config: ml_collections.ConfigDict) -> str:
-  path = _cfg(config, "norm_stats_path")
+  path = config.data.norm_stats_path
   return path or os.path.join(config.data.dataset_dir, NORM_STATS)
 
 
@@ -233,7 +197,7 @@ def make_frame_transform(config: ml_collections.ConfigDict, *,
                          info: DatasetInfo | None = None) -> transforms.FrameTransform:
   """The per-record transform that make_dataset applies, built from the config."""
   m = config.model
-  tokenizer_path = _cfg(config, "tokenizer_path")
+  tokenizer_path = config.data.tokenizer_path
   if "vocab_size" in m and tokenizer_lib.vocab_size(tokenizer_path) > m.vocab_size:
     raise ValueError(f"config.data.tokenizer_path={tokenizer_path!r} has "
                      f"{tokenizer_lib.vocab_size(tokenizer_path)} tokens, more than "
@@ -242,7 +206,7 @@ def make_frame_transform(config: ml_collections.ConfigDict, *,
     raise ValueError(f"model.action_horizon={m.action_horizon} exceeds the dataset's stored chunk "
                      f"length {info.action_horizon} ({info.directory}/{MANIFEST})")
   image_shapes = None
-  if info is not None and _cfg(config, "resize_on_device"):
+  if info is not None and config.data.resize_on_device:
     try:
       image_shapes = info.stored_image_shapes()
     except records.RecordError as e:
@@ -253,20 +217,32 @@ def make_frame_transform(config: ml_collections.ConfigDict, *,
       norm_stats=transforms.load_norm_stats(_norm_stats_path(config)),
       tokenizer_path=tokenizer_path, image_size=m.image_size, image_shapes=image_shapes,
       action_dim=m.action_dim, action_horizon=m.action_horizon, max_token_len=m.max_token_len,
-      normalization=_cfg(config, "normalization"),
+      normalization=config.data.normalization,
       describe=RecordLocator(info) if info else None,
-      delta_action_dims=_cfg(config, "delta_action_dims"))
+      delta_action_dims=config.data.delta_action_dims)
 
 
-def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int,
-                       process_count: int, per_process: int) -> grain.MapDataset:
-  """Split records in stream order; this process's stride."""
-  rows = split_episodes(info, _cfg(config, "eval_fraction"), _cfg(config, "split_seed"))[split]
+def per_process_batch(config, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the process count "
+                     f"{process_count}")
+  return config.batch_size // process_count
+
+
+def split_records(config, info: DatasetInfo, split: str, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """(record index, bytes) of a split in stream order: this process's stride."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  per_process = per_process_batch(config, process_index, process_count)
+  rows = split_episodes(info, config.data.eval_fraction, config.data.split_seed)[split]
   indices = info.record_indices(rows)
   if split == "eval":
     # A fixed shuffle mixes episodes within each batch: in-batch retrieval over consecutive frames
     # of one episode would measure nothing. Fixed, so every evaluation sees the same batches.
-    indices = indices[np.random.default_rng(_cfg(config, "split_seed")).permutation(len(indices))]
+    indices = indices[np.random.default_rng(config.data.split_seed).permutation(len(indices))]
     # Whole global batches only, so that every process yields the same number of batches.
     usable = len(indices) // (per_process * process_count) * per_process * process_count
     if usable == 0:
@@ -278,19 +254,38 @@ def _split_map_dataset(config, info: DatasetInfo, split: str, process_index: int
     raise ValueError(f"train split of {info.directory} is empty")
   ds = grain.MapDataset.source(_SplitSource(info.shard_paths, indices))
   if split == "train":
-    ds = ds.seed(_cfg(config, "shuffle_seed")).shuffle().repeat(None)
-  elif _cfg(config, "eval_repeat"):
+    ds = ds.seed(config.data.shuffle_seed).shuffle().repeat(None)
+  elif config.data.eval_repeat:
     ds = ds.repeat(None)
   return ds[process_index::process_count]
 
 
-def _check_process(config, process_index: int, process_count: int) -> int:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
-  if config.batch_size % process_count:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the process count "
-                     f"{process_count}")
-  return config.batch_size // process_count
+def batches(examples: grain.MapDataset, config, per_process: int, *,
+            allow_nones: bool = False) -> grain.IterDataset:
+  """Per-process batches of mapped records, read by threads and config.data.num_workers workers.
+
+  allow_nones: the map returns None for records to skip.
+  """
+  prefetch = int(config.data.prefetch)
+  if allow_nones:
+    # Skipped records are None and batches form after they are filtered out, in the iterator;
+    # the state stays positional (it counts source elements), but the batch composition then
+    # depends on the worker count.
+    read = grain.ReadOptions(num_threads=config.data.num_threads,
+                             prefetch_buffer_size=prefetch * per_process)
+    it = examples.to_iter_dataset(read_options=read, allow_nones=True).filter(_not_none)
+    it = it.batch(per_process, drop_remainder=True)
+  else:
+    # Batching the map dataset makes worker processes split whole batches, so the stream is the
+    # same for any worker count.
+    read = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=prefetch)
+    it = examples.batch(per_process, drop_remainder=True).to_iter_dataset(read_options=read)
+  workers = int(config.data.num_workers)
+  if workers > 0:
+    _ensure_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=config.data.worker_buffer))
+  return it
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, split: str, process_index: int = 0,
@@ -298,47 +293,26 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, process_index
   """The per-process batch stream of a split.
 
   Args:
-    config: uses config.data.* (see default_data_config), config.model.{image_size, action_dim,
+    config: uses config.data.* (configs/common.py), config.model.{image_size, action_dim,
       action_horizon, max_token_len, vocab_size (optional: checked against the tokenizer)} and
       config.batch_size (global).
     split: 'train' (shuffled, infinite) or 'eval' (one fixed shuffle, once unless
-      config.data.eval_repeat). Neither is augmented here: see pipeline.data.augment.
+      config.data.eval_repeat). Neither is augmented here: the model does it on the device.
     process_index: this process's index; pass jax.process_index() computed after
       jax.distributed.initialize.
     process_count: number of processes (jax.process_count()).
 
   Returns:
-    An IterDataset of numpy batches in the batch format with config.batch_size // process_count
-    examples each; `iter()` of it is checkpointable with grain.checkpoint.CheckpointSave.
+    An IterDataset of numpy batches of the batch contract (pipeline.batch) with
+    config.batch_size // process_count examples each; `iter()` of it is checkpointable with
+    grain.checkpoint.CheckpointSave.
   """
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  per_process = _check_process(config, process_index, process_count)
+  per_process = per_process_batch(config, process_index, process_count)
   info = DatasetInfo(config.data.dataset_dir)
-  transform = make_frame_transform(config, info=info)
-  skip_bad = bool(_cfg(config, "skip_bad_records"))
-  ds = _split_map_dataset(config, info, split, process_index, process_count, per_process)
-  ds = ds.map(_Apply(transform, skip_bad))
-  prefetch = int(_cfg(config, "prefetch"))
-  if skip_bad:
-    # Skipped records are None and batches form after they are filtered out, in the iterator;
-    # the state stays positional (it counts source elements), but the batch composition then
-    # depends on the worker count.
-    read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"),
-                             prefetch_buffer_size=prefetch * per_process)
-    it = ds.to_iter_dataset(read_options=read, allow_nones=True).filter(_not_none)
-    it = it.batch(per_process, drop_remainder=True)
-  else:
-    # Batching the map dataset makes worker processes split whole batches, so the stream is the
-    # same for any worker count.
-    read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"), prefetch_buffer_size=prefetch)
-    it = ds.batch(per_process, drop_remainder=True).to_iter_dataset(read_options=read)
-  workers = int(_cfg(config, "num_workers"))
-  if workers > 0:
-    _ensure_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=_cfg(config, "worker_buffer")))
-  return it
+  skip_bad = bool(config.data.skip_bad_records)
+  examples = split_records(config, info, split, process_index, process_count)
+  examples = examples.map(FrameMap(make_frame_transform(config, info=info), skip_bad))
+  return batches(examples, config, per_process, allow_nones=skip_bad)
 
 
 def _ensure_flags_parsed() -> None:
@@ -349,73 +323,35 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def to_global_batch(batch: Any, mesh) -> Any:
-  """Per-process numpy batch -> global jax.Arrays with dim 0 sharded over all mesh axes."""
-  sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+@contextlib.contextmanager
+def open_iterator(config: ml_collections.ConfigDict, split: str
+                  ) -> Iterator[grain.DatasetIterator]:
+  """This process's iterator of a split (jax.process_index / count), closed on exit.
+
+  Grain's worker processes hold shared memory until their iterator is closed.
+  """
+  it = iter(make_dataset(config, split=split, process_index=jax.process_index(),
+                         process_count=jax.process_count()))
+  try:
+    yield it
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+
+
+def to_global_batch(batch: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Per-process numpy batch -> global jax.Arrays in the (batch) sharding of the step.
+
+  Every process passes its own rows; together they form the global batch in process order.
+  """
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-# ----------------------------------------------------------------------------------------------
-# Benchmark
-
-
-def _time_batches(it, num_batches: int, warmup: int) -> float:
-  # Worker start-up and the buffers filled meanwhile are excluded: the clock starts once the
-  # first `warmup` batches (about what the prefetch buffers hold) are consumed.
-  for _ in range(warmup):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(it)
-  return time.perf_counter() - start
-
-
-def bench_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
-                 workers: Sequence[int] = (0, 1, 2), rounds: int = 2) -> list[dict[str, float]]:
-  """Samples/s of the full train chain vs image decoding alone, per worker count.
-
-  All pipelines read the same shuffled records with the same threads and batch size; the decode
-  baseline only unpacks the record and decodes its two images. "full" is the train chain as
-  configured (images shipped at their stored size when config.data.resize_on_device), and
-  "full_host_resize" the same chain resizing on the host, for reference. Neither holds
-  augmentation: config.data.augment acts on the device, in the train step.
-  Returns rows {workers, <pipeline>_samples_per_s}; also prints them.
-  """
-  info = DatasetInfo(config.data.dataset_dir)
-  per_process = _check_process(config, 0, 1)
-  transform = make_frame_transform(config, info=info)
-  host_config = config.copy_and_resolve_references()
-  host_config.data.resize_on_device = False
-  host_transform = make_frame_transform(host_config, info=info)
-  pipelines = (("full", _Apply(transform, False)),
-               ("full_host_resize", _Apply(host_transform, False)), ("decode", _decode_only))
-  read = grain.ReadOptions(num_threads=_cfg(config, "num_threads"),
-                           prefetch_buffer_size=_cfg(config, "prefetch"))
-  rows = []
-  for num_workers in workers:
-    row = {"workers": num_workers}
-    # The pipelines take turns, `rounds` times, and each keeps its best rate: load from other
-    # processes then slows all of them alike instead of whichever ran at the time.
-    for _ in range(rounds):
-      for name, fn in pipelines:
-        ds = _split_map_dataset(config, info, "train", 0, 1, per_process).map(fn)
-        it = ds.batch(per_process, drop_remainder=True).to_iter_dataset(read_options=read)
-        if num_workers > 0:
-          _ensure_flags_parsed()
-          it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                           per_worker_buffer_size=2))
-        iterator = iter(it)
-        try:
-          warmup = 1 + (_cfg(config, "prefetch") + 2) * max(1, num_workers)
-          seconds = _time_batches(iterator, num_batches, warmup)
-        finally:
-          close = getattr(iterator, "close", None)
-          if close:
-            close()
-        key = f"{name}_samples_per_s"
-        row[key] = max(row.get(key, 0.0), num_batches * per_process / seconds)
-    print(f"loader workers={num_workers}: full chain {row['full_samples_per_s']:.1f} samples/s "
-          f"({row['full_host_resize_samples_per_s']:.1f} resizing on the host), decode only "
-          f"{row['decode_samples_per_s']:.1f} samples/s")
-    rows.append(row)
-  return rows
+def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Copy of the config with '{workdir}' in data paths replaced."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key in ("dataset_dir", "source_dir", "norm_stats_path", "tokenizer_path"):
+      if isinstance(config.data[key], str):
+        config.data[key] = config.data[key].replace("{workdir}", workdir)
+  return config

@@ -5,7 +5,7 @@ shipped size (the model's, or the stored one when the model resizes on the devic
 (the model scales to [-1, 1] inside the jit); normalize state/actions
 with the norm stats, then zero-pad them to the model's action_dim (so padded dims are exactly 0);
 tokenize the prompt. Training augmentation is not done here: it runs on the device inside the
-train step (pipeline.data.augment), as in openpi, where it is cheap.
+model's preprocessing (pipeline.models.preprocess), as in openpi, where it is cheap.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from pipeline import batch as batch_lib
 from pipeline.data import records
 from pipeline.data import tokenizer as tokenizer_lib
 
-IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
-# Batch image key <- record field; cameras absent from LIBERO have no image, only mask False
+# Batch camera (pipeline.batch.CAMERAS) <- record field; cameras absent from LIBERO have no image, only mask False
 # (the model makes them black on the device).
 CAMERA_FIELDS = {"base_0_rgb": "image", "left_wrist_0_rgb": "wrist_image",
                  "right_wrist_0_rgb": None}
@@ -224,7 +224,7 @@ class FrameTransform:
     ep = f"episode {frame.get('episode_index')} frame {frame.get('frame_index')}"
     images, masks = {}, {}
     size = self.image_size
-    for key in IMAGE_KEYS:
+    for key in batch_lib.CAMERAS:
       field = CAMERA_FIELDS[key]
       if field is None:
         # Absent: only its mask travels; the model makes the black image on the device.

@@ -9,90 +9,55 @@ pure noise and t = 0 the data; sampling integrates from 1 to 0 with Euler
 steps on top of a KV cache of the prefix.
 
 An optional energy head E(prefix tokens, action chunk) is trained with
-InfoNCE over the batch, in one of three modes (see `compute_train_loss`).
+InfoNCE over the batch, in the mode config.model.energy_mode names (see
+`compute_train_loss`).
 """
 
 import dataclasses
-import logging
 import math
 from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from pipeline import batch as batch_lib
 from pipeline.models import energy as energy_lib
 from pipeline.models import gemma
+from pipeline.models import preprocess as preprocess_lib
 from pipeline.models import siglip
 
-IMAGE_KEYS = ('base_0_rgb', 'left_wrist_0_rgb', 'right_wrist_0_rgb')
-
-
-def scale_image(image: jax.Array) -> jax.Array:
-  """The model's input range: uint8 -> x / 255 * 2 - 1; float (already in [-1, 1]) -> f32."""
-  if image.dtype == jnp.uint8:
-    return image.astype(jnp.float32) / 255.0 * 2.0 - 1.0
-  return image.astype(jnp.float32)
-
-
-def resize_with_pad(images: jax.Array, height: int, width: int) -> jax.Array:
-  """Fits [B, h, w, C] images into [B, height, width, C] on the device.
-
-  Keeps the aspect ratio: scaled size floor(side / ratio) with ratio =
-  max(w / width, h / height), bilinear with PIL's antialiasing when shrinking,
-  centered on black; the same geometry as the host's
-  `pipeline.data.transforms.resize_with_pad`, so a loader may ship images at
-  their stored size and leave the resize to the accelerator. Returns float32
-  in [-1, 1] (uint8 input is scaled first).
-  """
-  images = scale_image(images)
-  b, h, w, c = images.shape
-  if (h, w) == (height, width):
-    return images
-  ratio = max(w / width, h / height)
-  new_h, new_w = int(h / ratio), int(w / ratio)
-  resized = jax.image.resize(images, (b, new_h, new_w, c), method='linear',
-                             antialias=True)
-  top, left = (height - new_h) // 2, (width - new_w) // 2
-  pad = ((0, 0), (top, height - new_h - top), (left, width - new_w - left),
-         (0, 0))
-  return jnp.pad(resized, pad, constant_values=-1.0)
-
-
-def fit_images(images: Mapping[str, Any], size: int) -> dict[str, jax.Array]:
-  """`resize_with_pad` of every camera of a batch to size x size."""
-  return {key: resize_with_pad(jnp.asarray(image), size, size)
-          for key, image in images.items()}
+ENERGY_MODES = ('off', 'monitor', 'joint', 'energy_only')
+# Salt of the augmentation's key: fold_in(step key, AUGMENT_SALT).
+AUGMENT_SALT = 0x617567
 
 
 @dataclasses.dataclass(frozen=True)
 class Pi0Config:
-  """Model hyper-parameters (the `config.model` section)."""
-  paligemma_variant: str = 'gemma_2b'
-  action_expert_variant: str = 'gemma_300m'
-  vision_variant: str = 'So400m/14'
-  image_size: int = 224
-  action_dim: int = 32
-  action_horizon: int = 50
-  max_token_len: int = 48
-  vocab_size: int = gemma.PALIGEMMA_VOCAB_SIZE
-  dtype: str = 'bfloat16'
-  remat: bool = True
-  energy_head: bool = True
-  use_energy_loss: bool = False
-  train_only_energy_model: bool = False
-  energy_hidden: int = 512
-  energy_heads: int = 8
-  energy_layers: int = 4
-  energy_act_dim: int = 7
-  energy_tau: float = 0.5
-  energy_weight: float = 0.1
-  energy_dropout: float = 0.0
+  """Model hyper-parameters: the `config.model` section (configs/common.py sets the defaults)."""
+  paligemma_variant: str
+  action_expert_variant: str
+  vision_variant: str
+  image_size: int
+  action_dim: int
+  action_horizon: int
+  max_token_len: int
+  vocab_size: int
+  dtype: str
+  remat: bool
+  # off | monitor | joint | energy_only (see Pi0.compute_train_loss).
+  energy_mode: str
+  energy_hidden: int
+  energy_heads: int
+  energy_layers: int
+  energy_act_dim: int
+  energy_tau: float
+  energy_weight: float
+  energy_dropout: float
 
   @classmethod
   def from_model_config(cls, model_config: Any) -> 'Pi0Config':
-    """Reads a ConfigDict / mapping / Pi0Config; missing keys keep defaults."""
+    """Reads a ConfigDict / mapping / Pi0Config; a missing or unknown key is an error."""
     if isinstance(model_config, cls):
       return model_config
     if hasattr(model_config, 'to_dict'):
@@ -100,9 +65,17 @@ class Pi0Config:
     if not isinstance(model_config, Mapping):
       raise TypeError('model config must be a ConfigDict, a mapping or a '
                       f'Pi0Config, got {type(model_config).__name__}.')
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in model_config.items() if k in names}
-    return cls(**kwargs)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(model_config) - set(names))
+    missing = [k for k in names if k not in model_config]
+    if unknown or missing:
+      raise ValueError(f'config.model: unknown keys {unknown}, missing keys '
+                       f'{missing} (fields: {names}).')
+    return cls(**model_config)
+
+  @property
+  def energy_head(self) -> bool:
+    return self.energy_mode != 'off'
 
   def validate(self) -> None:
     if self.dtype not in ('bfloat16', 'float32', 'float16'):
@@ -113,14 +86,18 @@ class Pi0Config:
       if getattr(self, key) < 1:
         raise ValueError(f'config.model.{key} must be >= 1, got '
                          f'{getattr(self, key)}.')
-    if (self.use_energy_loss or self.train_only_energy_model) and (
-        not self.energy_head):
-      raise ValueError('config.model.use_energy_loss / train_only_energy_model '
-                       'need config.model.energy_head = True.')
+    if self.energy_mode not in ENERGY_MODES:
+      raise ValueError(f'config.model.energy_mode must be one of {ENERGY_MODES}, '
+                       f'got {self.energy_mode!r}.')
     if self.energy_head and not 1 <= self.energy_act_dim <= self.action_dim:
       raise ValueError(f'config.model.energy_act_dim must be in [1, '
                        f'action_dim={self.action_dim}], got '
                        f'{self.energy_act_dim}.')
+
+
+def trainable_pattern(energy_mode: str) -> str:
+  """Regex of the parameters a mode may train: energy_only trains the head only."""
+  return r'energy/.*' if energy_mode == 'energy_only' else r'.*'
 
 
 def make_attn_mask(input_mask: jax.Array, ar_mask: jax.Array) -> jax.Array:
@@ -204,85 +181,15 @@ class Pi0(nnx.Module):
 
   # ---------------------------------------------------------------- inputs
 
-  def check_observation(self, obs: Mapping[str, Any]) -> dict:
-    """Validates an observation batch; returns it normalised.
+  def preprocess(self, obs: Mapping[str, Any], *,
+                 augment_rng: Optional[jax.Array] = None) -> dict:
+    """A batch of the batch contract -> model inputs (pipeline.models.preprocess).
 
-    Images become float in [-1, 1] (uint8 accepted) of the model's size
-    (other sizes are resized with padding, as openpi does on the device),
-    absent image masks become all-True, a camera with an image_mask entry but
-    no image is absent (black, masked out), prompts longer than max_token_len
-    are truncated with a warning (openpi behaviour).
+    The public entry points (compute_loss, compute_train_loss, encode_prefix,
+    sample_actions) call it once; the other methods take its output.
     """
-    if not isinstance(obs, Mapping):
-      raise TypeError(f'observation must be a dict, got {type(obs).__name__}.')
-    for key in ('image', 'state', 'tokenized_prompt'):
-      if key not in obs:
-        raise KeyError(f"observation is missing '{key}' (has {sorted(obs)}).")
-    state = jnp.asarray(obs['state'])
-    if state.ndim != 2 or state.shape[-1] != self.action_dim:
-      raise ValueError(f"observation['state'] has shape {state.shape}, "
-                       f'expected [B, action_dim={self.action_dim}].')
-    b = state.shape[0]
-    images, image_masks = {}, {}
-    given_masks = obs.get('image_mask') or {}
-    for key in IMAGE_KEYS:
-      if key not in obs['image']:
-        if key not in given_masks:
-          raise KeyError(
-              f"observation['image'] is missing '{key}' (has "
-              f"{sorted(obs['image'])}; expected {list(IMAGE_KEYS)}; an "
-              f"image_mask entry without an image marks an absent camera).")
-        # An absent camera (declared by its mask entry): black and masked
-        # out, made here so the loader never ships it.
-        size = self.image_size
-        images[key] = jnp.full((b, size, size, 3), -1.0, jnp.float32)
-        image_masks[key] = jnp.zeros((b,), bool)
-        continue
-      img = jnp.asarray(obs['image'][key])
-      if img.ndim != 4 or img.shape[0] != b or img.shape[-1] != 3:
-        raise ValueError(f"observation['image']['{key}'] has shape "
-                         f'{img.shape}, expected [{b}, H, W, 3] (resized to '
-                         f'model.image_size={self.image_size}).')
-      images[key] = resize_with_pad(img, self.image_size, self.image_size)
-      if key in given_masks:
-        mask = jnp.asarray(given_masks[key]).astype(bool)
-        if mask.shape != (b,):
-          raise ValueError(f"observation['image_mask']['{key}'] has shape "
-                           f'{mask.shape}, expected ({b},).')
-      else:
-        mask = jnp.ones((b,), bool)
-      image_masks[key] = mask
-    tokens = jnp.asarray(obs['tokenized_prompt'])
-    if 'tokenized_prompt_mask' in obs:
-      token_mask = jnp.asarray(obs['tokenized_prompt_mask']).astype(bool)
-    else:
-      raise KeyError("observation is missing 'tokenized_prompt_mask'.")
-    if tokens.ndim != 2 or tokens.shape[0] != b:
-      raise ValueError(f"observation['tokenized_prompt'] has shape "
-                       f'{tokens.shape}, expected [{b}, max_token_len].')
-    if token_mask.shape != tokens.shape:
-      raise ValueError(f"observation['tokenized_prompt_mask'] has shape "
-                       f'{token_mask.shape}, expected {tokens.shape}.')
-    raw = obs['tokenized_prompt']
-    if isinstance(raw, np.ndarray) and raw.size and (
-        raw.min() < 0 or raw.max() >= self.vocab_size):
-      # Out-of-range ids would silently gather garbage (NaN) embeddings.
-      raise ValueError(f"observation['tokenized_prompt'] has ids in "
-                       f'[{raw.min()}, {raw.max()}], outside the vocabulary '
-                       f'[0, config.model.vocab_size={self.vocab_size}).')
-    if tokens.shape[1] > self.max_token_len:
-      logging.warning(
-          'tokenized_prompt has %d tokens > max_token_len=%d; truncating.',
-          tokens.shape[1], self.max_token_len)
-      tokens = tokens[:, :self.max_token_len]
-      token_mask = token_mask[:, :self.max_token_len]
-    return {
-        'image': images,
-        'image_mask': image_masks,
-        'state': state.astype(jnp.float32),
-        'tokenized_prompt': tokens.astype(jnp.int32),
-        'tokenized_prompt_mask': token_mask,
-    }
+    return preprocess_lib.preprocess_observation(obs, self.config,
+                                                 augment_rng=augment_rng)
 
   def _check_actions(self, actions: jax.Array, batch: int) -> jax.Array:
     expected = (batch, self.action_horizon, self.action_dim)
@@ -294,20 +201,19 @@ class Pi0(nnx.Module):
   # ------------------------------------------------------------- embedding
 
   def embed_prefix(self, obs):
-    """Image + prompt tokens.
+    """Image + prompt tokens of a preprocessed observation.
 
     Returns:
       tokens [B, S, W0] (compute dtype), input_mask bool [B, S],
       ar_mask bool [S] (all False: the prefix is bidirectional).
     """
-    obs = self.check_observation(obs)
     b = obs['state'].shape[0]
     # One SigLIP call over all slots (batch 3B): same result as one call per
     # image, a third of the graph to compile and larger matmuls.
-    stacked = jnp.concatenate([obs['image'][k] for k in IMAGE_KEYS], axis=0)
+    stacked = jnp.concatenate([obs['image'][k] for k in batch_lib.CAMERAS], axis=0)
     all_tokens = self.PaliGemma['img'](stacked)
     tokens, masks = [], []
-    for i, key in enumerate(IMAGE_KEYS):
+    for i, key in enumerate(batch_lib.CAMERAS):
       img_tokens = all_tokens[i * b:(i + 1) * b]
       tokens.append(img_tokens)
       masks.append(jnp.broadcast_to(obs['image_mask'][key][:, None],
@@ -357,13 +263,13 @@ class Pi0(nnx.Module):
     return prefix_out, input_mask, kv_cache
 
   def encode_prefix(self, obs):
-    """Prefix-only forward (no action expert).
+    """Prefix-only forward (no action expert) of a batch.
 
     Returns:
       prefix_out [B, S, W0] (compute dtype, after the final norm),
       prefix_mask bool [B, S].
     """
-    prefix_out, prefix_mask, _ = self._prefix_forward(obs)
+    prefix_out, prefix_mask, _ = self._prefix_forward(self.preprocess(obs))
     return prefix_out, prefix_mask
 
   def _sample_noise_time(self, rng, actions):
@@ -375,7 +281,6 @@ class Pi0(nnx.Module):
 
   def _flow_forward(self, rng, obs, actions):
     """Joint prefix+suffix pass: (loss [B, H], prefix_out, prefix_mask)."""
-    obs = self.check_observation(obs)
     actions = self._check_actions(jnp.asarray(actions), obs['state'].shape[0])
     noise, time = self._sample_noise_time(rng, actions)
     t = time[:, None, None]
@@ -387,10 +292,14 @@ class Pi0(nnx.Module):
   def velocity_full(self, obs, x_t, time):
     """v_t from one joint pass of prefix and suffix (no cache).
 
+    Args:
+      obs: a preprocessed observation (`preprocess`).
+      x_t: [B, H, action_dim] noisy actions.
+      time: [B] flow time.
+
     Returns:
       (v_t [B, H, action_dim] f32, prefix_out [B, S, W0], prefix_mask).
     """
-    obs = self.check_observation(obs)
     prefix_tokens, prefix_mask, prefix_ar = self.embed_prefix(obs)
     suffix_tokens, suffix_mask, suffix_ar = self.embed_suffix(
         obs['state'], x_t, time)
@@ -406,8 +315,8 @@ class Pi0(nnx.Module):
 
   def compute_loss(self, rng, obs, actions, *, train: bool = False):
     """Flow-matching loss per action step [B, H] (openpi Pi0.compute_loss)."""
-    del train  # augmentation runs in the train step (pipeline.data.augment)
-    loss, _, _ = self._flow_forward(rng, obs, actions)
+    del train  # augmentation is the train step's choice (compute_train_loss)
+    loss, _, _ = self._flow_forward(rng, self.preprocess(obs), actions)
     return loss
 
   # ---------------------------------------------------------------- energy
@@ -427,39 +336,41 @@ class Pi0(nnx.Module):
     }
     return loss, metrics
 
-  def compute_train_loss(self, rng, obs, actions, *, train: bool = True):
-    """Training objective by mode (from the model config flags).
+  def compute_train_loss(self, rng, obs, actions, *, train: bool = True,
+                         augment: bool = False):
+    """Training objective by config.model.energy_mode.
 
-    - monitor (default): loss = flow; energy statistics on stop-gradient
-      inputs are only logged.
-    - joint (use_energy_loss): loss = flow + energy_weight * InfoNCE; the
-      energy gradient reaches the LLM through the prefix output of the same
-      joint forward.
-    - energy only (train_only_energy_model, whatever use_energy_loss says):
-      prefix-only forward, loss = InfoNCE on the stop-gradient prefix
-      output; no action expert runs.
+    - off: loss = flow.
+    - monitor: loss = flow; energy statistics on stop-gradient inputs are
+      only logged.
+    - joint: loss = flow + energy_weight * InfoNCE; the energy gradient
+      reaches the LLM through the prefix output of the same joint forward.
+    - energy_only: prefix-only forward, loss = InfoNCE on the stop-gradient
+      prefix output; no action expert runs.
+
+    augment: augment the images first (training), keyed by
+    fold_in(rng, AUGMENT_SALT), a stream of its own.
 
     Returns:
       (loss scalar, metrics dict of scalars).
     """
     cfg = self.config
+    augment_rng = jax.random.fold_in(rng, AUGMENT_SALT) if augment else None
+    obs = self.preprocess(obs, augment_rng=augment_rng)
     flow_rng, energy_rng = jax.random.split(rng)
-    obs = self.check_observation(obs)
     actions = self._check_actions(jnp.asarray(actions), obs['state'].shape[0])
-    if cfg.train_only_energy_model:
-      prefix_out, prefix_mask = self.encode_prefix(obs)
-      loss, metrics = self._energy_terms(
-          energy_rng, jax.lax.stop_gradient(prefix_out), prefix_mask,
-          actions, train)
-      return loss, metrics
+    if cfg.energy_mode == 'energy_only':
+      prefix_out, prefix_mask, _ = self._prefix_forward(obs)
+      return self._energy_terms(energy_rng, jax.lax.stop_gradient(prefix_out),
+                                prefix_mask, actions, train)
 
     flow_bh, prefix_out, prefix_mask = self._flow_forward(flow_rng, obs,
                                                           actions)
     flow = jnp.mean(flow_bh)
     metrics = {'flow_loss': flow}
-    if self.energy is None:
+    if cfg.energy_mode == 'off':
       return flow, metrics
-    if cfg.use_energy_loss:
+    if cfg.energy_mode == 'joint':
       e_loss, e_metrics = self._energy_terms(energy_rng, prefix_out,
                                              prefix_mask, actions, train)
       total = flow + cfg.energy_weight * e_loss
@@ -505,7 +416,7 @@ class Pi0(nnx.Module):
     """
     if num_steps < 1:
       raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
-    obs = self.check_observation(obs)
+    obs = self.preprocess(obs)
     b = obs['state'].shape[0]
     shape = (b, self.action_horizon, self.action_dim)
     if noise is None:
@@ -526,7 +437,7 @@ class Pi0(nnx.Module):
     if refine_steps > 0:
       if self.energy is None:
         raise ValueError('refine_steps > 0 needs the energy head '
-                         '(config.model.energy_head = True).')
+                         "(config.model.energy_mode != 'off').")
       x_0 = energy_lib.refine(self.energy, prefix_out, prefix_mask, x_0,
                               steps=refine_steps, step_size=refine_step_size,
                               max_step=refine_max_step)

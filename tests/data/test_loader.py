@@ -15,7 +15,10 @@ from pipeline.data import prepare
 from pipeline.data import records
 from pipeline.data import tokenizer
 from pipeline.data import transforms
-from pipeline.models import pi0
+from configs import common
+from pipeline import batch as batch_lib
+from pipeline import sharding
+from pipeline.models import preprocess
 from tests.data.conftest import PREPARED_IMAGE_SIZE
 
 SIZE, ACTION_DIM, HORIZON, MAX_LEN = 16, 32, 4, 24
@@ -95,7 +98,7 @@ def record_of(dataset_dir):
 
 def _config(dataset_dir, **data):
   config = ml_collections.ConfigDict()
-  config.data = loader.default_data_config()
+  config.data = common.data_config()
   config.data.dataset_dir = dataset_dir
   config.data.tokenizer_path = tokenizer.SYNTHETIC_TOKENIZER
   config.data.num_workers = 0
@@ -155,7 +158,7 @@ def test_batch_format(dataset_dir):
   for key in batch["image"]:
     assert batch["image"][key].shape == (b, PREPARED_IMAGE_SIZE, PREPARED_IMAGE_SIZE, 3)
     assert batch["image"][key].dtype == np.uint8  # scaled to [-1, 1] by the model
-  for key in transforms.IMAGE_KEYS:
+  for key in batch_lib.CAMERAS:
     assert batch["image_mask"][key].shape == (b,) and batch["image_mask"][key].dtype == np.bool_
   assert not batch["image_mask"]["right_wrist_0_rgb"].any()
   assert batch["image_mask"]["base_0_rgb"].all() and batch["image_mask"]["left_wrist_0_rgb"].all()
@@ -169,13 +172,24 @@ def test_batch_format(dataset_dir):
   assert batch["tokenized_prompt_mask"].dtype == np.bool_
 
 
+def test_batches_follow_the_batch_contract(dataset_dir):
+  """What the loader ships is exactly pipeline.batch.spec (benchmarks compile on that spec)."""
+  config = _config(dataset_dir)
+  batch = next(iter(loader.make_dataset(config, split="train")))
+  shapes = loader.DatasetInfo(dataset_dir).stored_image_shapes()
+  spec = batch_lib.spec(config.model, config.batch_size, image_shapes=shapes)
+  got = {k: (v.shape, v.dtype) for k, v in _flatten(batch)}
+  want = {k: (v.shape, v.dtype) for k, v in _flatten(spec)}
+  assert got == want
+
+
 def test_device_resize_matches_host_resize(dataset_dir):
   on_device = next(iter(loader.make_dataset(_config(dataset_dir), split="eval")))
   config = _config(dataset_dir, resize_on_device=False)
   on_host = next(iter(loader.make_dataset(config, split="eval")))
   for key in ("base_0_rgb", "left_wrist_0_rgb"):
     assert on_host["image"][key].shape == (4, SIZE, SIZE, 3)
-    device = np.asarray(pi0.resize_with_pad(on_device["image"][key], SIZE, SIZE))
+    device = np.asarray(preprocess.resize_with_pad(on_device["image"][key], SIZE, SIZE))
     host = on_host["image"][key].astype(np.float32) / 255 * 2 - 1
     # PIL rounds its result to uint8; the device keeps float.
     np.testing.assert_allclose(device, host, atol=1.01 * 2 / 255)
@@ -342,7 +356,7 @@ def test_to_global_batch_shards_over_all_mesh_axes(dataset_dir):
   config.batch_size = 8
   batch = next(iter(loader.make_dataset(config, split="train")))
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  out = loader.to_global_batch(batch, mesh)
+  out = loader.to_global_batch(batch, sharding.batch_sharding(mesh))
   arr = out["actions"]
   assert isinstance(arr, jax.Array) and arr.shape == batch["actions"].shape
   assert arr.sharding.spec == PartitionSpec(("data", "fsdp"))

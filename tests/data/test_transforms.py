@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import batch as batch_lib
 from pipeline.data import records
 from pipeline.data import tokenizer
 from pipeline.data import transforms
@@ -140,12 +141,12 @@ def test_frame_to_batch_format(norm_stats):
   frame = _frame()
   ex = _transform(norm_stats)(7, records.encode_frame(frame))
   # The absent right wrist camera ships only its mask (False); the model makes it black.
-  assert set(ex["image_mask"]) == set(transforms.IMAGE_KEYS)
+  assert set(ex["image_mask"]) == set(batch_lib.CAMERAS)
   assert set(ex["image"]) == {"base_0_rgb", "left_wrist_0_rgb"}
   for key in ex["image"]:
     # uint8 at the model size: the model scales to [-1, 1]; augmentation runs on the device.
     assert ex["image"][key].shape == (SIZE, SIZE, 3) and ex["image"][key].dtype == np.uint8
-  assert [bool(ex["image_mask"][k]) for k in transforms.IMAGE_KEYS] == [True, True, False]
+  assert [bool(ex["image_mask"][k]) for k in batch_lib.CAMERAS] == [True, True, False]
   # base <- image, left wrist <- wrist_image: resize_with_pad of the decoded images, exactly.
   for key, field in (("base_0_rgb", "image"), ("left_wrist_0_rgb", "wrist_image")):
     src = np.asarray(Image.open(io.BytesIO(frame[field])).convert("RGB"))

@@ -1,8 +1,8 @@
 """Pi0 energy-loss modes: which parameters the energy term reaches.
 
 monitor (default): the energy term is logged only, no parameter gets its
-gradient. joint (use_energy_loss): the head and the prefix expert get it.
-energy only (train_only_energy_model): only the head is trained and the
+gradient. joint: the head and the prefix expert get it.
+energy_only: only the head is trained and the
 action expert never runs.
 """
 
@@ -15,12 +15,15 @@ import pytest
 from flax import nnx
 from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public API
 
+from configs import common
+from pipeline import batch as batch_lib
 from pipeline.models import build_model
 from pipeline.models import gemma
 from pipeline.models import pi0
 
 B, ACTION_DIM, HORIZON, TOKENS, IMAGE = 4, 8, 4, 5, 16
 BASE_CONFIG = dict(
+  common.model_config().to_dict(),
   paligemma_variant="tiny",
   action_expert_variant="tiny_small",
   vision_variant="tiny",
@@ -31,7 +34,7 @@ BASE_CONFIG = dict(
   vocab_size=64,
   dtype="float32",
   remat=False,
-  energy_head=True,
+  energy_mode="monitor",
   energy_hidden=16,
   energy_heads=2,
   energy_layers=1,
@@ -90,7 +93,7 @@ def setup():
   )
   images = {
     key: rng.uniform(-1, 1, (B, IMAGE, IMAGE, 3)).astype(np.float32)
-    for key in pi0.IMAGE_KEYS
+    for key in batch_lib.CAMERAS
   }
   obs = {
     "image": images,
@@ -130,7 +133,7 @@ def _jacobians(graphdef, setup, names):
 @pytest.fixture(scope="module")
 def joint(setup):
   return _jacobians(
-    _graphdef(use_energy_loss=True), setup, ("loss", "energy_loss", "flow_loss")
+    _graphdef(energy_mode="joint"), setup, ("loss", "energy_loss", "flow_loss")
   )
 
 
@@ -198,7 +201,7 @@ def test_monitor_energy_term_has_exactly_zero_gradient(monitor, joint):
 
 @pytest.fixture(scope="module")
 def energy_only_graphdef():
-  return _graphdef(train_only_energy_model=True)
+  return _graphdef(energy_mode="energy_only")
 
 
 def test_energy_only_trains_only_the_head(energy_only_graphdef, setup):

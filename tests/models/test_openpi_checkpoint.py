@@ -8,14 +8,15 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from configs import common
 from pipeline.models import build_model
 from pipeline.models.openpi_checkpoint import checkpoint_param_shapes
 from pipeline.models.openpi_checkpoint import restore_openpi_params
 
 TINY = dict(
-    paligemma_variant='tiny', action_expert_variant='tiny_small',
+    common.model_config().to_dict(), paligemma_variant='tiny', action_expert_variant='tiny_small',
     vision_variant='tiny', image_size=16, action_dim=8, action_horizon=4,
-    max_token_len=6, vocab_size=64, dtype='float32', energy_head=True,
+    max_token_len=6, vocab_size=64, dtype='float32', energy_mode='monitor',
     energy_hidden=16, energy_heads=2, energy_layers=1, energy_act_dim=3)
 
 

@@ -8,76 +8,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from configs import common
 from pipeline.models import build_model
 
-REFERENCE = Path(__file__).resolve().parents[3] / 'shared' / 'reference'
-
-# openpi pi0 (gemma_2b + gemma_300m + So400m/14) parameter shapes, all float32,
-# as listed in shared/reference/openpi_params_pi0.json.
-OPENPI_PI0 = {
-    'PaliGemma/img/Transformer/encoder_norm/bias': (1152,),
-    'PaliGemma/img/Transformer/encoder_norm/scale': (1152,),
-    'PaliGemma/img/Transformer/encoderblock/LayerNorm_0/bias': (27, 1152),
-    'PaliGemma/img/Transformer/encoderblock/LayerNorm_0/scale': (27, 1152),
-    'PaliGemma/img/Transformer/encoderblock/LayerNorm_1/bias': (27, 1152),
-    'PaliGemma/img/Transformer/encoderblock/LayerNorm_1/scale': (27, 1152),
-    'PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/bias':
-        (27, 4304),
-    'PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel':
-        (27, 1152, 4304),
-    'PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_1/bias':
-        (27, 1152),
-    'PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel':
-        (27, 4304, 1152),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/key/bias':
-        (27, 16, 72),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/key/kernel':
-        (27, 1152, 16, 72),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/bias':
-        (27, 1152),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel':
-        (27, 16, 72, 1152),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/bias':
-        (27, 16, 72),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel':
-        (27, 1152, 16, 72),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/value/bias':
-        (27, 16, 72),
-    'PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/value/kernel':
-        (27, 1152, 16, 72),
-    'PaliGemma/img/embedding/bias': (1152,),
-    'PaliGemma/img/embedding/kernel': (14, 14, 3, 1152),
-    'PaliGemma/img/head/bias': (2048,),
-    'PaliGemma/img/head/kernel': (1152, 2048),
-    'PaliGemma/img/pos_embedding': (1, 256, 1152),
-    'PaliGemma/llm/embedder/input_embedding': (257152, 2048),
-    'PaliGemma/llm/final_norm/scale': (2048,),
-    'PaliGemma/llm/final_norm_1/scale': (1024,),
-    'PaliGemma/llm/layers/attn/attn_vec_einsum/w': (18, 8, 256, 2048),
-    'PaliGemma/llm/layers/attn/attn_vec_einsum_1/w': (18, 8, 256, 1024),
-    'PaliGemma/llm/layers/attn/kv_einsum/w': (18, 2, 1, 2048, 256),
-    'PaliGemma/llm/layers/attn/kv_einsum_1/w': (18, 2, 1, 1024, 256),
-    'PaliGemma/llm/layers/attn/q_einsum/w': (18, 8, 2048, 256),
-    'PaliGemma/llm/layers/attn/q_einsum_1/w': (18, 8, 1024, 256),
-    'PaliGemma/llm/layers/mlp/gating_einsum': (18, 2, 2048, 16384),
-    'PaliGemma/llm/layers/mlp/linear': (18, 16384, 2048),
-    'PaliGemma/llm/layers/mlp_1/gating_einsum': (18, 2, 1024, 4096),
-    'PaliGemma/llm/layers/mlp_1/linear': (18, 4096, 1024),
-    'PaliGemma/llm/layers/pre_attention_norm/scale': (18, 2048),
-    'PaliGemma/llm/layers/pre_attention_norm_1/scale': (18, 1024),
-    'PaliGemma/llm/layers/pre_ffw_norm/scale': (18, 2048),
-    'PaliGemma/llm/layers/pre_ffw_norm_1/scale': (18, 1024),
-    'action_in_proj/bias': (1024,),
-    'action_in_proj/kernel': (32, 1024),
-    'action_out_proj/bias': (32,),
-    'action_out_proj/kernel': (1024, 32),
-    'action_time_mlp_in/bias': (1024,),
-    'action_time_mlp_in/kernel': (2048, 1024),
-    'action_time_mlp_out/bias': (1024,),
-    'action_time_mlp_out/kernel': (1024, 1024),
-    'state_proj/bias': (1024,),
-    'state_proj/kernel': (32, 1024),
-}
+# openpi's parameter listings (path, shape, dtype), measured from openpi itself.
+REFERENCE = Path(__file__).resolve().parent / 'reference'
 
 
 def _flat_params(model_config):
@@ -88,10 +23,7 @@ def _flat_params(model_config):
 
 
 def _reference(name):
-  path = REFERENCE / name
-  if not path.exists():
-    pytest.skip(f'reference listing {path} not available')
-  listing = json.loads(path.read_text())['params']
+  listing = json.loads((REFERENCE / name).read_text())['params']
   return {p['path']: (tuple(p['shape']), p['dtype']) for p in listing}
 
 
@@ -103,10 +35,7 @@ def _diff(got, want):
   return '\n'.join(lines)
 
 
-FULL = dict(paligemma_variant='gemma_2b', action_expert_variant='gemma_300m',
-            vision_variant='So400m/14', image_size=224, vocab_size=257_152,
-            action_dim=32, action_horizon=50, max_token_len=48,
-            dtype='bfloat16', energy_head=True)
+FULL = dict(common.model_config().to_dict(), energy_mode='monitor')
 
 
 def test_full_size_tree_matches_openpi():
@@ -114,17 +43,15 @@ def test_full_size_tree_matches_openpi():
   energy = {k for k in got if k.startswith('energy/')}
   assert energy, 'the energy head should be part of the tree'
   got = {k: v for k, v in got.items() if k not in energy}
-  want = {k: (v, 'float32') for k, v in OPENPI_PI0.items()}
+  want = _reference('openpi_params_pi0.json')
+  assert all(dtype == 'float32' for _, dtype in want.values())
   assert got == want, _diff(got, want)
-  listing = REFERENCE / 'openpi_params_pi0.json'
-  if listing.exists():  # the embedded copy must agree with the listing
-    assert want == _reference('openpi_params_pi0.json')
 
 
 def test_dummy_tree_matches_openpi():
   # openpi's dummy Pi0 keeps the full So400m tower; only the LLMs shrink.
   got = _flat_params(dict(FULL, paligemma_variant='dummy',
-                          action_expert_variant='dummy', energy_head=False))
+                          action_expert_variant='dummy', energy_mode='off'))
   want = _reference('openpi_params_pi0_dummy.json')
   assert got == want, _diff(got, want)
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import common
+from pipeline import batch as batch_lib
 from pipeline.models import build_model
 from pipeline.models import pi0 as pi0_lib
 
@@ -16,13 +18,13 @@ IMAGE = 16
 TOKENS = 6
 H = 4
 A = 8
-KEYS = pi0_lib.IMAGE_KEYS
+KEYS = batch_lib.CAMERAS
 
 TINY = dict(
-    paligemma_variant='tiny', action_expert_variant='tiny_small',
+    common.model_config().to_dict(), paligemma_variant='tiny', action_expert_variant='tiny_small',
     vision_variant='tiny', image_size=IMAGE, action_dim=A, action_horizon=H,
     max_token_len=TOKENS, vocab_size=64, dtype='float32', remat=True,
-    energy_head=True, use_energy_loss=False, train_only_energy_model=False,
+    energy_mode='monitor',
     energy_hidden=16, energy_heads=2, energy_layers=1, energy_act_dim=3,
     energy_tau=0.5, energy_weight=0.1, energy_dropout=0.0)
 
@@ -76,7 +78,7 @@ def actions():
 
 
 encode_prefix = nnx.jit(lambda m, o: m.encode_prefix(o))
-velocity_full = nnx.jit(lambda m, o, x, t: m.velocity_full(o, x, t))
+velocity_full = nnx.jit(lambda m, o, x, t: m.velocity_full(m.preprocess(o), x, t))
 compute_loss = nnx.jit(lambda m, r, o, a: m.compute_loss(r, o, a))
 
 
@@ -190,7 +192,7 @@ def test_uint8_images_are_rescaled(model):
   o = make_obs(seed=4)
   u8 = {k: np.random.RandomState(i).randint(0, 256, (B, IMAGE, IMAGE, 3))
         .astype(np.uint8) for i, k in enumerate(KEYS)}
-  checked = model.check_observation(dict(o, image=u8))
+  checked = model.preprocess(dict(o, image=u8))
   for k in KEYS:
     np.testing.assert_allclose(np.asarray(checked['image'][k]),
                                u8[k].astype(np.float32) / 255 * 2 - 1,
@@ -290,12 +292,12 @@ def _metric_keys(cfg_overrides, obs, actions):
 def test_metric_keys_by_mode(obs, actions):
   # Gradient routing per mode is covered by test_energy_modes.py.
   energy = {'energy_loss', 'E_pos', 'E_neg', 'energy_accuracy'}
-  assert _metric_keys({'use_energy_loss': True}, obs, actions) == (
+  assert _metric_keys({'energy_mode': 'joint'}, obs, actions) == (
       energy | {'flow_loss'})
-  # train_only_energy_model wins over use_energy_loss.
-  assert _metric_keys({'train_only_energy_model': True,
-                       'use_energy_loss': True}, obs, actions) == energy
-  assert _metric_keys({'energy_head': False}, obs, actions) == {'flow_loss'}
+  assert _metric_keys({'energy_mode': 'monitor'}, obs, actions) == (
+      energy | {'flow_loss'})
+  assert _metric_keys({'energy_mode': 'energy_only'}, obs, actions) == energy
+  assert _metric_keys({'energy_mode': 'off'}, obs, actions) == {'flow_loss'}
 
 
 # ------------------------------------------------------------- bad inputs
@@ -307,39 +309,43 @@ def test_bad_inputs(model, obs, actions):
              image_mask={k: v for k, v in (obs.get('image_mask') or {}).items()
                          if k != KEYS[1]})
   with pytest.raises(KeyError, match='left_wrist_0_rgb'):
-    model.check_observation(bad)
+    model.preprocess(bad)
   for shape in ((B, 8, 8, 4), (B + 1, 8, 8, 3), (8, 8, 3)):
     bad = dict(obs, image=dict(obs['image'],
                                base_0_rgb=np.zeros(shape, np.float32)))
     with pytest.raises(ValueError, match=r"\['base_0_rgb'\] has shape"):
-      model.check_observation(bad)
+      model.preprocess(bad)
   with pytest.raises(ValueError, match='state'):
-    model.check_observation(dict(obs, state=np.zeros((B, A + 1))))
+    model.preprocess(dict(obs, state=np.zeros((B, A + 1))))
   bad_tokens = obs['tokenized_prompt'].copy()
   bad_tokens[0, 0] = 64
   with pytest.raises(ValueError, match='vocab_size=64'):
-    model.check_observation(dict(obs, tokenized_prompt=bad_tokens))
+    model.preprocess(dict(obs, tokenized_prompt=bad_tokens))
   with pytest.raises(ValueError, match='actions have shape'):
     model.compute_loss(jax.random.key(0), obs, actions[..., :-1])
   with pytest.raises(ValueError, match='Unknown Gemma variant'):
     build_model(dict(TINY, paligemma_variant='nope'), nnx.Rngs(0))
-  with pytest.raises(ValueError, match='energy_head'):
-    build_model(dict(TINY, energy_head=False, use_energy_loss=True),
-                nnx.Rngs(0))
+  with pytest.raises(ValueError, match='energy_mode'):
+    build_model(dict(TINY, energy_mode='both'), nnx.Rngs(0))
+  # The model config is taken whole: unknown and missing keys are errors.
+  with pytest.raises(ValueError, match=r"unknown keys \['use_energy_loss'\]"):
+    build_model(dict(TINY, use_energy_loss=True), nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"missing keys \['energy_tau'\]"):
+    build_model({k: v for k, v in TINY.items() if k != 'energy_tau'}, nnx.Rngs(0))
 
 
 def test_camera_with_only_a_mask_is_absent(model, obs):
   absent = KEYS[2]
   images = {k: v for k, v in obs['image'].items() if k != absent}
   masks = dict(obs.get('image_mask') or {}, **{absent: np.zeros(B, bool)})
-  got = model.check_observation(dict(obs, image=images, image_mask=masks))
+  got = model.preprocess(dict(obs, image=images, image_mask=masks))
   size = model.image_size
   np.testing.assert_array_equal(got['image'][absent],
                                 np.full((B, size, size, 3), -1.0, np.float32))
   assert not np.asarray(got['image_mask'][absent]).any()
   # Same prefix as shipping the black image itself.
   black = dict(obs['image'], **{absent: np.zeros((B, size, size, 3), np.uint8)})
-  want = model.check_observation(dict(obs, image=black, image_mask=masks))
+  want = model.preprocess(dict(obs, image=black, image_mask=masks))
   for key in KEYS:
     np.testing.assert_array_equal(got['image'][key], want['image'][key])
 
@@ -350,7 +356,7 @@ def test_other_image_sizes_are_resized_with_pad_like_the_host(model, obs):
   size = model.image_size
   rng = np.random.default_rng(0)
   wide = rng.integers(0, 256, (B, 2 * size, 3 * size, 3), dtype=np.uint8)
-  got = np.asarray(model.check_observation(
+  got = np.asarray(model.preprocess(
       dict(obs, image=dict(obs['image'], base_0_rgb=wide)))['image']['base_0_rgb'])
   want = np.stack([transforms.resize_with_pad(x, size, size) for x in wide])
   want = want.astype(np.float32) / 255 * 2 - 1
@@ -370,14 +376,14 @@ def test_long_prompt_is_truncated_with_warning(model, obs, caplog):
   long['tokenized_prompt_mask'] = np.concatenate(
       [obs['tokenized_prompt_mask'], np.ones((B, 3), bool)], 1)
   with caplog.at_level('WARNING'):
-    checked = model.check_observation(long)
+    checked = model.preprocess(long)
   assert 'truncating' in caplog.text
   np.testing.assert_array_equal(np.asarray(checked['tokenized_prompt']),
                                 obs['tokenized_prompt'])
 
 
 def test_bfloat16_compute_keeps_f32_params(obs, actions):
-  cfg = dict(TINY, dtype='bfloat16', energy_head=False)
+  cfg = dict(TINY, dtype='bfloat16', energy_mode='off')
   m = fast_build(cfg, seed=1)
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(m, nnx.Param)))

@@ -1,6 +1,9 @@
-"""Training image augmentation on the device, inside the jitted train step (as openpi's pi0).
+"""Device-side preprocessing of an observation batch, once, on entry to the model.
 
-Per camera and example, with the parameters of openpi's pi0 training chain:
+`preprocess_observation` checks a batch against the batch contract (pipeline.batch), scales
+images to [-1, 1], fits them to the model size with padding (the loader may ship them at their
+stored size), makes absent cameras black and masked out, and in training augments them as
+openpi's pi0 does:
   non-wrist cameras: random crop of 95% of height/width at an integer offset, resized back to the
   full size (bilinear), rotated by U(-5, 5) degrees counterclockwise about the image center; the
   three steps are one affine map, so each output pixel is a single bilinear sample of the input
@@ -9,7 +12,7 @@ Per camera and example, with the parameters of openpi's pi0 training chain:
   all cameras: color jitter on [0, 1] values, clipped after each step: brightness x U(0.7, 1.3),
   contrast U(0.6, 1.4) around the mean luma, saturation U(0.5, 1.5) around the per-pixel luma
   (ITU-R 601 weights).
-Examples whose image mask is False (absent cameras) are left as they are.
+Examples whose image mask is False (absent cameras) are not augmented.
 
 Randomness: example i of the global batch uses fold_in(fold_in(rng, i), camera id), so its
 augmentation depends on the step key and its position only, not on how the batch is sharded over
@@ -17,19 +20,61 @@ devices or processes.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pipeline.models import pi0
+from pipeline import batch as batch_lib
 
 CROP_FRACTION = 0.95
 MAX_ROTATION_DEG = 5.0
 BRIGHTNESS, CONTRAST, SATURATION = 0.3, 0.4, 0.5
 LUMA = (0.299, 0.587, 0.114)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale and fit
+
+
+def scale_image(image: jax.Array) -> jax.Array:
+  """The model's input range: uint8 -> x / 255 * 2 - 1; float (already in [-1, 1]) -> f32."""
+  if image.dtype == jnp.uint8:
+    return image.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+  return image.astype(jnp.float32)
+
+
+def resize_with_pad(images: jax.Array, height: int, width: int) -> jax.Array:
+  """Fits [B, h, w, C] images into [B, height, width, C]; float32 in [-1, 1].
+
+  Keeps the aspect ratio: scaled size floor(side / ratio) with ratio = max(w / width,
+  h / height), bilinear with PIL's antialiasing when shrinking, centered on black; the geometry
+  of the host's `pipeline.data.transforms.resize_with_pad`, so a loader may ship images at their
+  stored size and leave the resize to the accelerator.
+  """
+  images = scale_image(images)
+  b, h, w, c = images.shape
+  if (h, w) == (height, width):
+    return images
+  ratio = max(w / width, h / height)
+  new_h, new_w = int(h / ratio), int(w / ratio)
+  resized = jax.image.resize(images, (b, new_h, new_w, c), method="linear", antialias=True)
+  top, left = (height - new_h) // 2, (width - new_w) // 2
+  pad = ((0, 0), (top, height - new_h - top), (left, width - new_w - left), (0, 0))
+  return jnp.pad(resized, pad, constant_values=-1.0)
+
+
+def fit_images(images: Mapping[str, Any], size: int) -> dict[str, jax.Array]:
+  """`resize_with_pad` of every camera of a batch to size x size."""
+  return {key: resize_with_pad(jnp.asarray(image), size, size) for key, image in images.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
 
 
 def is_wrist(key: str) -> bool:
@@ -158,15 +203,91 @@ def augment_batch(rng: jax.Array, images: Mapping[str, jax.Array], *, train: boo
     augmented = jax.vmap(one)(keys, image) * 2.0 - 1.0
     if masks is not None and key in masks:
       keep = jnp.asarray(masks[key]).astype(bool)[:, None, None, None]
-      augmented = jnp.where(keep, augmented, pi0.scale_image(image))
+      augmented = jnp.where(keep, augmented, scale_image(image))
     out[key] = augmented
   return out
 
 
-def augment_observation(rng: jax.Array, batch: Mapping[str, Any], *, train: bool) -> dict:
-  """The batch (loader format) with its images augmented by augment_batch under its masks."""
-  if not train:
-    return dict(batch)
-  out = dict(batch)
-  out["image"] = augment_batch(rng, batch["image"], train=True, masks=batch.get("image_mask"))
-  return out
+# ----------------------------------------------------------------------------------------------
+# The observation
+
+
+def _require(obs: Mapping[str, Any], key: str) -> Any:
+  if key not in obs:
+    raise KeyError(f"observation is missing '{key}' (has {sorted(obs)}).")
+  return obs[key]
+
+
+def _check_shape(name: str, x: Any, shape: tuple, hint: str) -> None:
+  if tuple(x.shape) != shape:
+    raise ValueError(f"observation['{name}'] has shape {tuple(x.shape)}, expected {hint}.")
+
+
+def preprocess_observation(obs: Mapping[str, Any], config: Any, *,
+                           augment_rng: jax.Array | None = None) -> dict[str, Any]:
+  """A batch of the batch contract -> the model's inputs; raises naming a bad key.
+
+  Args:
+    obs: image, image_mask, state, tokenized_prompt, tokenized_prompt_mask (pipeline.batch);
+      other keys (actions) are ignored.
+    config: the model config (image_size, action_dim, max_token_len, vocab_size).
+    augment_rng: augment the shipped cameras (training) with this key; None: no augmentation.
+
+  Returns:
+    image {camera: float32 [B, S, S, 3] in [-1, 1]} and image_mask {camera: bool [B]} for every
+    camera of CAMERAS, state float32, tokenized_prompt int32 and its bool mask, truncated to
+    max_token_len with a warning (openpi behaviour).
+  """
+  if not isinstance(obs, Mapping):
+    raise TypeError(f"observation must be a dict, got {type(obs).__name__}.")
+  state = jnp.asarray(_require(obs, "state"))
+  images_in = _require(obs, "image")
+  tokens = jnp.asarray(_require(obs, "tokenized_prompt"))
+  token_mask = jnp.asarray(_require(obs, "tokenized_prompt_mask")).astype(bool)
+  if state.ndim != 2 or state.shape[-1] != config.action_dim:
+    raise ValueError(f"observation['state'] has shape {state.shape}, expected "
+                     f"[B, action_dim={config.action_dim}].")
+  b, size = state.shape[0], config.image_size
+  given_masks = obs.get("image_mask") or {}
+  images, masks = {}, {}
+  for key in batch_lib.CAMERAS:
+    if key not in images_in:
+      if key not in given_masks:
+        raise KeyError(f"observation['image'] is missing '{key}' (has {sorted(images_in)}; "
+                       f"expected {list(batch_lib.CAMERAS)}; an image_mask entry without an "
+                       "image marks an absent camera).")
+      # An absent camera: black and masked out, made here so the loader never ships it.
+      images[key] = jnp.full((b, size, size, 3), -1.0, jnp.float32)
+      masks[key] = jnp.zeros((b,), bool)
+      continue
+    image = jnp.asarray(images_in[key])
+    if image.ndim != 4 or image.shape[0] != b or image.shape[-1] != 3:
+      raise ValueError(f"observation['image']['{key}'] has shape {image.shape}, expected "
+                       f"[{b}, H, W, 3] (resized to model.image_size={size}).")
+    images[key] = resize_with_pad(image, size, size)
+    mask = jnp.ones((b,), bool)
+    if key in given_masks:
+      mask = jnp.asarray(given_masks[key]).astype(bool)
+      _check_shape(f"image_mask']['{key}", mask, (b,), f"({b},)")
+    masks[key] = mask
+  if augment_rng is not None:
+    shipped = {k: images[k] for k in images_in}
+    images.update(augment_batch(augment_rng, shipped, train=True, masks=masks))
+
+  if tokens.ndim != 2 or tokens.shape[0] != b:
+    raise ValueError(f"observation['tokenized_prompt'] has shape {tokens.shape}, expected "
+                     f"[{b}, max_token_len].")
+  _check_shape("tokenized_prompt_mask", token_mask, tuple(tokens.shape), str(tokens.shape))
+  raw = obs["tokenized_prompt"]
+  if isinstance(raw, np.ndarray) and raw.size and (raw.min() < 0 or
+                                                   raw.max() >= config.vocab_size):
+    # Out-of-range ids would silently gather garbage (NaN) embeddings.
+    raise ValueError(f"observation['tokenized_prompt'] has ids in [{raw.min()}, {raw.max()}], "
+                     f"outside the vocabulary [0, config.model.vocab_size={config.vocab_size}).")
+  if tokens.shape[1] > config.max_token_len:
+    logging.warning("tokenized_prompt has %d tokens > max_token_len=%d; truncating.",
+                    tokens.shape[1], config.max_token_len)
+    tokens = tokens[:, :config.max_token_len]
+    token_mask = token_mask[:, :config.max_token_len]
+  return {"image": images, "image_mask": masks, "state": state.astype(jnp.float32),
+          "tokenized_prompt": tokens.astype(jnp.int32), "tokenized_prompt_mask": token_mask}

@@ -1,4 +1,4 @@
-"""Device augmentation checked against PIL, numpy formulas and synthetic images."""
+"""Device preprocessing: augmentation checked against PIL, numpy formulas and synthetic images."""
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -6,7 +6,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from pipeline.data import augment
+import ml_collections
+
+from pipeline.models import preprocess as augment
 
 H = W = 24
 
@@ -173,9 +175,16 @@ def test_float_input_and_eval_identity():
   for key in images:
     np.testing.assert_allclose(np.asarray(from_f32[key]), np.asarray(from_u8[key]), atol=1e-5)
   assert augment.augment_batch(rng, images, train=False)["base_0_rgb"] is images["base_0_rgb"]
-  batch = {"image": images, "image_mask": masks, "state": np.zeros((2, 4), np.float32)}
-  obs = augment.augment_observation(rng, batch, train=True)
-  np.testing.assert_array_equal(np.asarray(obs["image"]["base_0_rgb"]),
-                                np.asarray(from_u8["base_0_rgb"]))
-  assert obs["state"] is batch["state"]
-  assert augment.augment_observation(rng, batch, train=False)["image"] is images
+  batch = {"image": images, "image_mask": masks, "state": np.zeros((2, 4), np.float32),
+           "tokenized_prompt": np.ones((2, 3), np.int32),
+           "tokenized_prompt_mask": np.ones((2, 3), bool)}
+  config = ml_collections.ConfigDict(dict(image_size=H, action_dim=4, max_token_len=3,
+                                          vocab_size=8))
+  obs = augment.preprocess_observation(batch, config, augment_rng=rng)
+  for key in images:  # scaled to [-1, 1] first, as the model fits images before augmenting
+    np.testing.assert_allclose(np.asarray(obs["image"][key]), np.asarray(from_u8[key]),
+                               atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(obs["state"]), batch["state"])
+  plain = augment.preprocess_observation(batch, config)
+  for key in images:
+    np.testing.assert_allclose(np.asarray(plain["image"][key]), signed[key], atol=1e-6)
