@@ -94,6 +94,17 @@ def make_optimizer(cfg, label_tree: dict,
       {TRAINABLE: trainable_tx, FROZEN: optax.set_to_zero()}, label_tree)
 
 
+def applied_updates(opt_state: Any) -> jax.Array:
+  """Updates the optimizer has applied: the step its learning-rate schedule is at.
+
+  A skipped (non-finite) step keeps the optimizer state, so this lags the number of batches
+  consumed by the number of skipped steps.
+  """
+  return optax.tree_utils.tree_get(
+      opt_state, "count",
+      filtering=lambda path, _: getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState")
+
+
 def ema_update(ema: Any, new: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, new)
 

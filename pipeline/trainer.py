@@ -28,7 +28,9 @@ ENERGY_METRICS = ("energy_loss", "E_pos", "E_neg", "energy_accuracy")
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array  # number of batches consumed (applied or skipped as non-finite)
+  # Batches consumed, applied or skipped as non-finite: the data position and the RNG stream.
+  # The optimizer counts applied updates only (optim.applied_updates), and its schedule with it.
+  step: jax.Array
   params: Any  # pure nested dict of all model params
   opt_state: Any  # optax state; holds nothing for frozen params
   ema: Any  # EMA of the trainable params (pure dict), or None
@@ -123,7 +125,9 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, mask: d
     new_state = state.replace(step=state.step + 1, params=optim.merge(new_trainable, frozen),
                               opt_state=opt_state, ema=ema, bad_steps=bad_steps)
     out = dict(metrics)
-    out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step),
+    # The rate of this step's update: the schedule at the optimizer's count before it.
+    applied = optim.applied_updates(state.opt_state)
+    out.update(loss=loss, grad_norm=grad_norm, lr=schedule(applied),
                param_norm=optax.global_norm(new_trainable),
                bad_step=(~ok).astype(jnp.float32), bad_steps=bad_steps)
     return new_state, out

@@ -199,3 +199,33 @@ def test_non_finite_step_is_skipped(tiny_step):
     np.testing.assert_array_equal(a, b)
   state, m = t["step"](state, good)
   assert int(state.bad_steps) == 0 and float(m["bad_step"]) == 0.0
+
+
+def test_logged_lr_is_the_applied_one_after_a_skipped_step():
+  """A skipped step consumes its batch (state.step) but no schedule step (the optimizer count):
+  the logged lr is the rate the next applied update really uses."""
+  c = energy_only.get_config("smoke")
+  c.optim.update(schedule="warmup_cosine", peak_lr=1e-3, warmup_steps=20, decay_steps=100,
+                 ema_decay=0.0)
+  parts = trainer_lib.ModelParts(train_fakes.model_config(), train_fakes.build_tiny)
+  params = parts.init(jax.random.key(0))
+  mask = trainer_lib.trainable_mask(c, params)
+  sched = optim.make_schedule(c.optim)
+  tx = optim.make_optimizer(c.optim, optim.labels(mask), sched)
+  step = jax.jit(trainer_lib.make_train_step(parts, tx, mask, sched, 0.0))
+  state = trainer_lib.make_init_state_fn(tx, mask, 0.0, seed=0)(params)
+  good = jax.tree.map(jnp.asarray, train_fakes.batch())
+  bad = dict(good, x=good["x"].at[0, 0].set(jnp.nan))
+  applied = 0
+  for batch in (good, bad, bad, good, good):
+    # Independent reference: optax's schedule formula at the number of updates applied so far,
+    # and Adam's own count in the optimizer state.
+    adam_count = [v for path, v in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+                  if path[-1].tuple_name == "ScaleByAdamState"]
+    assert [int(x) for x in adam_count] == [applied]
+    want = optax.warmup_cosine_decay_schedule(1e-3 / 21, 1e-3, 20, 100, c.optim.end_lr)(applied)
+    state, m = step(state, batch)
+    np.testing.assert_allclose(float(m["lr"]), float(want), rtol=1e-6)
+    applied += int(m["bad_step"] == 0)
+  assert int(state.step) == 5 and applied == 3
+  assert int(optim.applied_updates(state.opt_state)) == 3
