@@ -22,6 +22,7 @@ from pipeline import checkpoint as checkpoint_lib
 from pipeline import optim
 from pipeline import sharding as sharding_lib
 from pipeline.models import pi0 as pi0_lib
+from pipeline.models import pi0_config
 
 ENERGY_METRICS = ("energy_loss", "E_pos", "E_neg", "energy_accuracy")
 
@@ -68,7 +69,7 @@ def trainable_mask(config: ml_collections.ConfigDict, abstract_params: dict) -> 
   """What trains: the energy mode's parameters, narrowed by config.optim.trainable / frozen."""
   o = config.optim
   mode = config.model.get("energy_mode")  # absent from non-Pi0 models: no restriction
-  within = pi0_lib.trainable_pattern(mode)
+  within = pi0_config.trainable_pattern(mode)
   mask = optim.trainable_mask(abstract_params, o.trainable, (*o.frozen,))
   mode_mask = optim.trainable_mask(abstract_params, (within,))
   mask = jax.tree.map(lambda a, b: a and b, mode_mask, mask)

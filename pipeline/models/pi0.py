@@ -13,7 +13,6 @@ InfoNCE over the batch, in the mode config.model.energy_mode names (see
 `compute_train_loss`).
 """
 
-import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
@@ -24,80 +23,12 @@ from flax import nnx
 from pipeline import batch as batch_lib
 from pipeline.models import energy as energy_lib
 from pipeline.models import gemma
+from pipeline.models.pi0_config import Pi0Config
 from pipeline.models import preprocess as preprocess_lib
 from pipeline.models import siglip
 
-ENERGY_MODES = ('off', 'monitor', 'joint', 'energy_only')
 # Salt of the augmentation's key: fold_in(step key, AUGMENT_SALT).
 AUGMENT_SALT = 0x617567
-
-
-@dataclasses.dataclass(frozen=True)
-class Pi0Config:
-  """Model hyper-parameters: the `config.model` section (configs/common.py sets the defaults)."""
-  paligemma_variant: str
-  action_expert_variant: str
-  vision_variant: str
-  image_size: int
-  action_dim: int
-  action_horizon: int
-  max_token_len: int
-  vocab_size: int
-  dtype: str
-  remat: bool
-  # off | monitor | joint | energy_only (see Pi0.compute_train_loss).
-  energy_mode: str
-  energy_hidden: int
-  energy_heads: int
-  energy_layers: int
-  energy_act_dim: int
-  energy_tau: float
-  energy_weight: float
-  energy_dropout: float
-
-  @classmethod
-  def from_model_config(cls, model_config: Any) -> 'Pi0Config':
-    """Reads a ConfigDict / mapping / Pi0Config; a missing or unknown key is an error."""
-    if isinstance(model_config, cls):
-      return model_config
-    if hasattr(model_config, 'to_dict'):
-      model_config = model_config.to_dict()
-    if not isinstance(model_config, Mapping):
-      raise TypeError('model config must be a ConfigDict, a mapping or a '
-                      f'Pi0Config, got {type(model_config).__name__}.')
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(model_config) - set(names))
-    missing = [k for k in names if k not in model_config]
-    if unknown or missing:
-      raise ValueError(f'config.model: unknown keys {unknown}, missing keys '
-                       f'{missing} (fields: {names}).')
-    return cls(**model_config)
-
-  @property
-  def energy_head(self) -> bool:
-    return self.energy_mode != 'off'
-
-  def validate(self) -> None:
-    if self.dtype not in ('bfloat16', 'float32', 'float16'):
-      raise ValueError(f"config.model.dtype must be 'bfloat16' or 'float32', "
-                       f'got {self.dtype!r}.')
-    for key in ('image_size', 'action_dim', 'action_horizon', 'max_token_len',
-                'vocab_size'):
-      if getattr(self, key) < 1:
-        raise ValueError(f'config.model.{key} must be >= 1, got '
-                         f'{getattr(self, key)}.')
-    if self.energy_mode not in ENERGY_MODES:
-      raise ValueError(f'config.model.energy_mode must be one of {ENERGY_MODES}, '
-                       f'got {self.energy_mode!r}.')
-    if self.energy_head and not 1 <= self.energy_act_dim <= self.action_dim:
-      raise ValueError(f'config.model.energy_act_dim must be in [1, '
-                       f'action_dim={self.action_dim}], got '
-                       f'{self.energy_act_dim}.')
-
-
-def trainable_pattern(energy_mode: str) -> str:
-  """Regex of the parameters a mode may train: energy_only trains the head only."""
-  return r'energy/.*' if energy_mode == 'energy_only' else r'.*'
 
 
 def make_attn_mask(input_mask: jax.Array, ar_mask: jax.Array) -> jax.Array:
@@ -401,39 +332,98 @@ class Pi0(nnx.Module):
     return self.action_out_proj(
         suffix_out[:, -self.action_horizon:].astype(jnp.float32))
 
+  def _integrate(self, state, noise, prefix_mask, kv_cache, num_steps: int):
+    """Euler steps from t=1 (noise [B, H, D]) to t=0 over a prefix KV cache."""
+    b = noise.shape[0]
+    dt = -1.0 / num_steps
+
+    def step(i, x_t):
+      time = jnp.full((b,), 1.0 + i * dt, jnp.float32)
+      return x_t + dt * self.velocity_cached(state, x_t, time, prefix_mask,
+                                             kv_cache)
+
+    return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+
+  def candidate_energies(self, prefix_out, prefix_mask, candidates):
+    """E(prefix of observation b, candidate n of b): [B, N] f32.
+
+    Each observation's context is encoded once and attended by its own N
+    candidates only (not the B x B*N pairs of `pairwise`).
+    """
+    act = candidates[..., :self.config.energy_act_dim]
+    per_observation = lambda c, m, a: self.energy.pairwise(c[None], m[None],
+                                                           a)[0]
+    return jax.vmap(per_observation)(prefix_out, prefix_mask, act)
+
+  def sample_candidates(self, obs, noise, *, num_steps: int = 10):
+    """N sampled chunks per observation and their energies.
+
+    The prefix and its KV cache are computed once per observation and shared
+    by its candidates, which integrate in one batched pass.
+
+    Args:
+      obs: a preprocessed observation (`preprocess`).
+      noise: [B, N, H, action_dim] initial noise, one per candidate.
+      num_steps: Euler steps.
+
+    Returns:
+      (candidates [B, N, H, action_dim] f32, energies [B, N] f32,
+       prefix_out, prefix_mask).
+    """
+    if self.energy is None:
+      raise ValueError('best-of-N selection needs the energy head '
+                       "(config.model.energy_mode != 'off').")
+    b, n = noise.shape[:2]
+    prefix_out, prefix_mask, kv_cache = self._prefix_forward(obs)
+    per_candidate = lambda x: jnp.repeat(x, n, axis=0)
+    cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), kv_cache)
+    flat = self._integrate(per_candidate(obs['state']),
+                           noise.reshape(b * n, *noise.shape[2:]),
+                           per_candidate(prefix_mask), cache, num_steps)
+    candidates = flat.reshape(noise.shape)
+    energies = self.candidate_energies(prefix_out, prefix_mask, candidates)
+    return candidates, energies, prefix_out, prefix_mask
+
   def sample_actions(self, rng, obs, *, num_steps: int = 10,
                      noise: Optional[jax.Array] = None,
+                     num_candidates: int = 1,
                      refine_steps: int = 0, refine_step_size: float = 0.1,
                      refine_max_step: float = 0.1):
     """Euler integration of the flow from t=1 (noise) to t=0.
 
     The prefix is encoded once into a KV cache; each step runs only the
-    action expert. With refine_steps > 0 the final actions are refined once
-    by descending the energy head (using the cached prefix output).
+    action expert. With num_candidates = N > 1, N chunks are sampled per
+    observation (noise [B, N, H, action_dim]) and the one of lowest energy
+    is kept (`sample_candidates`). With refine_steps > 0 the kept actions are
+    then refined by descending the energy head (using the prefix output).
 
     Returns:
       actions [B, H, action_dim] f32.
     """
     if num_steps < 1:
       raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+    if num_candidates < 1:
+      raise ValueError(f'num_candidates must be >= 1, got {num_candidates}.')
     obs = self.preprocess(obs)
     b = obs['state'].shape[0]
     shape = (b, self.action_horizon, self.action_dim)
+    if num_candidates > 1:
+      shape = (b, num_candidates) + shape[1:]
     if noise is None:
       noise = jax.random.normal(rng, shape, jnp.float32)
     elif tuple(noise.shape) != shape:
       raise ValueError(f'noise has shape {tuple(noise.shape)}, expected '
                        f'{shape}.')
-    prefix_out, prefix_mask, kv_cache = self._prefix_forward(obs)
-    dt = -1.0 / num_steps
-
-    def step(i, x_t):
-      time = jnp.full((b,), 1.0 + i * dt, jnp.float32)
-      v_t = self.velocity_cached(obs['state'], x_t, time, prefix_mask,
-                                 kv_cache)
-      return x_t + dt * v_t
-
-    x_0 = jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+    if num_candidates > 1:
+      candidates, energies, prefix_out, prefix_mask = self.sample_candidates(
+          obs, noise, num_steps=num_steps)
+      best = jnp.argmin(energies, axis=1)
+      x_0 = jnp.take_along_axis(candidates, best[:, None, None, None],
+                                axis=1)[:, 0]
+    else:
+      prefix_out, prefix_mask, kv_cache = self._prefix_forward(obs)
+      x_0 = self._integrate(obs['state'], noise, prefix_mask, kv_cache,
+                            num_steps)
     if refine_steps > 0:
       if self.energy is None:
         raise ValueError('refine_steps > 0 needs the energy head '
