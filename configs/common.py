@@ -109,6 +109,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_every = 1_000
   c.eval_batches = 8
   c.eval_use_ema = True
+  c.eval_num_candidates = (4, 16)  # pipeline.evaluate: best-of-N sample MSE for each N
   c.save_every = 1_000
   c.max_bad_steps = 10  # consecutive non-finite steps before the run stops
 

@@ -25,6 +25,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from pipeline import checkpoint as checkpoint_lib
 from pipeline import metrics as metrics_lib
@@ -37,52 +38,70 @@ DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1)
 
 
 def make_sample_step(parts: trainer_lib.ModelParts, *, num_steps: int = 10, refine_steps: int = 5,
-                     step_sizes: Sequence[float] = DEFAULT_STEP_SIZES,
-                     max_step: float = 0.1) -> Callable:
-  """(params, batch, rng) -> {name: (sum of squared errors, count)} of sampled actions.
+                     step_sizes: Sequence[float] = DEFAULT_STEP_SIZES, max_step: float = 0.1,
+                     num_candidates: Sequence[int] = ()) -> Callable:
+  """(params, batch, rng) -> {name: sampled actions [B, H, action_dim]} of each sampling variant.
 
-  The refined samples start from the same Euler samples (same noise) as the unrefined ones, and
-  refine them with the prefix output of the same observation, which is what
-  `sample_actions(..., refine_steps=k, refine_step_size=s)` computes, without re-running the
-  flow for every step size.
+  sample_mse: plain sampling; best_of_<N>: the lowest-energy of N candidates, whose first
+  starts from the plain sample's noise; refine_<s> suffixes: the same samples refined with step
+  size s (what `sample_actions(..., num_candidates=N, refine_steps=k, refine_step_size=s)`
+  computes, without re-running the flow for every variant).
   """
   step_sizes = tuple(float(s) for s in step_sizes)
   if refine_steps < 0:
     raise ValueError(f"--refine_steps must be >= 0, got {refine_steps}")
+  if any(n < 2 for n in num_candidates):
+    raise ValueError(f"best-of-N needs N >= 2, got {tuple(num_candidates)}")
 
   def sample_step(params, batch, rng):
     model = parts.bind(params)
-    actions = batch["actions"]
-    act_dim = model.config.energy_act_dim
-    valid = (~batch["actions_is_pad"]).astype(jnp.float32)[..., None]
-    count = jnp.sum(valid) * act_dim
-
-    def sse(pred):
-      err = (pred[..., :act_dim] - actions[..., :act_dim].astype(jnp.float32)) * valid
-      return jnp.sum(jnp.square(err))
-
-    noise = jax.random.normal(rng, actions.shape, jnp.float32)
-    sampled = model.sample_actions(rng, batch, num_steps=num_steps, noise=noise)
-    out = {"sample_mse": (sse(sampled), count)}
-    if model.energy is not None and refine_steps > 0 and step_sizes:
-      context, mask = model.encode_prefix(batch)
-      for s in step_sizes:
-        refined = energy_lib.refine(model.energy, context, mask, sampled, steps=refine_steps,
-                                    step_size=s, max_step=max_step)
-        out[f"sample_mse_refine_{s:g}"] = (sse(refined), count)
-    return out
+    obs = model.preprocess(batch)
+    noise = jax.random.normal(rng, batch["actions"].shape, jnp.float32)
+    context, mask = model.encode_prefix(batch)
+    samples = {"sample_mse": model.sample_actions(rng, batch, num_steps=num_steps, noise=noise)}
+    for n in num_candidates if model.energy is not None else ():
+      more = jax.random.normal(jax.random.fold_in(rng, n), (noise.shape[0], n - 1, *noise.shape[1:]))
+      candidates, energies, _, _ = model.sample_candidates(
+          obs, jnp.concatenate([noise[:, None], more], axis=1), num_steps=num_steps)
+      best = jnp.argmin(energies, axis=1)[:, None, None, None]
+      samples[f"sample_mse_best_of_{n}"] = jnp.take_along_axis(candidates, best, axis=1)[:, 0]
+    if model.energy is not None and refine_steps > 0:
+      for name, sampled in list(samples.items()):
+        for s in step_sizes:
+          samples[f"{name}_refine_{s:g}"] = energy_lib.refine(
+              model.energy, context, mask, sampled, steps=refine_steps, step_size=s,
+              max_step=max_step)
+    return samples
 
   return sample_step
 
 
+def squared_errors(samples: dict[str, Any], batch: Any, act_dim: int,
+                   to_absolute: Callable | None = None) -> dict[str, tuple[float, float]]:
+  """{name: (sum of squared errors, count)} of samples against the batch's actions.
+
+  Over the first act_dim dims and the valid (not padded) steps; in the space `to_absolute`
+  (actions, batch) -> actions maps both into (default: the model's normalized space).
+  """
+  convert = to_absolute or (lambda actions, _: actions)
+  batch = jax.device_get(batch)
+  valid = ~np.asarray(batch["actions_is_pad"])
+  truth = np.asarray(convert(np.asarray(batch["actions"], np.float32), batch))[..., :act_dim]
+  out = {}
+  for name, pred in jax.device_get(samples).items():
+    err = np.asarray(convert(np.asarray(pred, np.float32), batch))[..., :act_dim] - truth
+    out[name] = (float(np.sum(np.square(err[valid]))), float(valid.sum() * act_dim))
+  return out
+
+
 def evaluate(trainer: trainer_lib.Trainer, params: Any, batches: Iterable[Any], *,
-             rng: jax.Array, num_batches: int | None = None,
-             sample_step: Callable | None = None) -> tuple[dict[str, float], int]:
+             rng: jax.Array, num_batches: int | None = None, sample_step: Callable | None = None,
+             to_absolute: Callable | None = None) -> tuple[dict[str, float], int]:
   """(metrics, number of batches): eval-step means over batches, exact sample MSEs.
 
   `batches` yields global batches (already on the trainer's mesh), at most `num_batches` are
-  used; `sample_step` is a jitted make_sample_step (None skips sampling). Batch i uses
-  fold_in(rng, i).
+  used; `sample_step` is a jitted make_sample_step (None skips sampling), whose samples are
+  compared in the space of `to_absolute` (see squared_errors). Batch i uses fold_in(rng, i).
   """
   acc = metrics_lib.MeanAccumulator()
   sums: dict[str, list[float]] = {}
@@ -93,7 +112,9 @@ def evaluate(trainer: trainer_lib.Trainer, params: Any, batches: Iterable[Any], 
     key = jax.random.fold_in(rng, i)
     acc.add(trainer.eval_step(params, batch, key))
     if sample_step is not None:
-      for name, (err, count) in jax.device_get(sample_step(params, batch, key)).items():
+      errors = squared_errors(sample_step(params, batch, key), batch,
+                              trainer.config.model.energy_act_dim, to_absolute)
+      for name, (err, count) in errors.items():
         total = sums.setdefault(name, [0.0, 0.0])
         total[0] += float(err)
         total[1] += float(count)
@@ -107,13 +128,13 @@ def evaluate(trainer: trainer_lib.Trainer, params: Any, batches: Iterable[Any], 
 
 
 def evaluate_split(trainer: trainer_lib.Trainer, params: Any, *, rng: jax.Array,
-                   num_batches: int | None = None,
-                   sample_step: Callable | None = None) -> tuple[dict[str, float], int]:
+                   num_batches: int | None = None, sample_step: Callable | None = None,
+                   to_absolute: Callable | None = None) -> tuple[dict[str, float], int]:
   """`evaluate` over this run's held-out split (config.data), read and closed here."""
   with loader.open_iterator(trainer.config, "eval") as it:
     batches = (loader.to_global_batch(b, trainer.batch_sharding) for b in it)
     return evaluate(trainer, params, batches, rng=rng, num_batches=num_batches,
-                    sample_step=sample_step)
+                    sample_step=sample_step, to_absolute=to_absolute)
 
 
 def format_table(step: int, values: dict[str, float]) -> str:
@@ -127,12 +148,14 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
                      num_batches: int | None = -1, use_ema: bool | None = None,
                      num_steps: int = 10, refine_steps: int = 5,
                      step_sizes: Sequence[float] = DEFAULT_STEP_SIZES, max_step: float = 0.1,
-                     write: bool = True, print_fn: Callable[[str], None] | None = print
+                     num_candidates: Sequence[int] | None = None, write: bool = True,
+                     print_fn: Callable[[str], None] | None = print
                      ) -> tuple[int, dict[str, float]]:
   """Evaluates the latest checkpoint of workdir; returns (step, {'eval/<name>': value}).
 
   num_batches: -1 = config.eval_batches, None or 0 = the whole eval split.
   use_ema: None = config.eval_use_ema.
+  num_candidates: best-of-N sizes; None = config.eval_num_candidates.
   """
   config = loader.resolve_paths(config, workdir)
   if mesh is None:
@@ -154,7 +177,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
     num_batches = config.eval_batches
   sample_step = jax.jit(
       make_sample_step(trainer.parts, num_steps=num_steps, refine_steps=refine_steps,
-                       step_sizes=step_sizes, max_step=max_step),
+                       step_sizes=step_sizes, max_step=max_step,
+                       num_candidates=(config.eval_num_candidates if num_candidates is None
+                                       else num_candidates)),
       in_shardings=(trainer.param_shardings, trainer.batch_sharding, trainer.replicated),
       out_shardings=trainer.replicated)
   values, n = evaluate_split(trainer, params, rng=jax.random.key(config.seed + 1),
@@ -186,6 +211,8 @@ def _define_flags():
   flags.DEFINE_list("refine_step_sizes", [f"{s:g}" for s in DEFAULT_STEP_SIZES],
                     "Refinement step sizes, one refined MSE each.")
   flags.DEFINE_float("refine_max_step", 0.1, "Bound on the L2 norm of one refinement step.")
+  flags.DEFINE_list("num_candidates", None,
+                    "Best-of-N sizes, one MSE each (default: config.eval_num_candidates).")
   flags.mark_flags_as_required(["config", "workdir"])
   return config, workdir
 
@@ -197,13 +224,14 @@ def main(argv):
   use_ema = {"config": None, "true": True, "false": False}[f.use_ema]
   try:
     step_sizes = [float(s) for s in f.refine_step_sizes]
+    candidates = None if f.num_candidates is None else [int(n) for n in f.num_candidates]
   except ValueError as e:
-    raise app.UsageError(f"--refine_step_sizes must be numbers: {f.refine_step_sizes}") from e
+    raise app.UsageError(f"--refine_step_sizes / --num_candidates must be numbers: {e}") from e
   workdir = os.path.abspath(os.path.expanduser(f.workdir))
   logging.set_verbosity(logging.WARNING)
   evaluate_workdir(f.config, workdir, num_batches=f.eval_batches, use_ema=use_ema,
                    num_steps=f.num_steps, refine_steps=f.refine_steps, step_sizes=step_sizes,
-                   max_step=f.refine_max_step)
+                   max_step=f.refine_max_step, num_candidates=candidates)
 
 
 if __name__ == "__main__":

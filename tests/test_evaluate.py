@@ -49,14 +49,15 @@ def evaluated(trained):
   lines = []
   step, values = evaluate.evaluate_workdir(
       trained["config"], trained["workdir"], mesh=one_device_mesh(), num_batches=2,
-      refine_steps=2, step_sizes=(0.01, 0.1), print_fn=lines.append)
+      refine_steps=2, step_sizes=(0.01, 0.1), num_candidates=(2,), print_fn=lines.append)
   return dict(step=step, values=values, table="\n".join(lines))
 
 
 def test_prints_table_and_writes_eval_scalars(trained, evaluated):
   assert evaluated["step"] == STEPS
   names = ("flow_loss", "energy_loss", "retrieval_accuracy", "E_pos", "E_neg", "sample_mse",
-           "sample_mse_refine_0.01", "sample_mse_refine_0.1")
+           "sample_mse_refine_0.01", "sample_mse_refine_0.1", "sample_mse_best_of_2",
+           "sample_mse_best_of_2_refine_0.1")
   for name in names:
     assert np.isfinite(evaluated["values"][f"eval/{name}"]), name
     assert name in evaluated["table"], name
@@ -82,7 +83,7 @@ def test_loss_metrics_match_the_training_eval(trained, evaluated):
 
 
 def test_sample_mse_matches_sample_actions_reference(trained):
-  """The jitted sample step equals a numpy MSE over model.sample_actions (refined or not)."""
+  """The jitted sample step equals a numpy MSE over model.sample_actions (best-of-N, refined)."""
   config = loader.resolve_paths(trained["config"], trained["workdir"])
   trainer = trainer_lib.Trainer(config, one_device_mesh())
   params = trained["state"].params
@@ -92,16 +93,23 @@ def test_sample_mse_matches_sample_actions_reference(trained):
   batch["actions_is_pad"][0, -3:] = True  # some padded steps must be excluded
   rng = jax.random.key(7)
   step = evaluate.make_sample_step(trainer.parts, num_steps=3, refine_steps=2,
-                                   step_sizes=(0.1,), max_step=0.05)
-  got = jax.device_get(step(params, batch, rng))
+                                   step_sizes=(0.1,), max_step=0.05, num_candidates=(3,))
+  act_dim = config.model.energy_act_dim
+  got = evaluate.squared_errors(jax.jit(step)(params, batch, rng), batch, act_dim)
+  assert sorted(got) == ["sample_mse", "sample_mse_best_of_3", "sample_mse_best_of_3_refine_0.1",
+                         "sample_mse_refine_0.1"]
   model = trainer.parts.bind(params)
   noise = jax.random.normal(rng, batch["actions"].shape, jnp.float32)
-  act_dim = config.model.energy_act_dim
+  more = jax.random.normal(jax.random.fold_in(rng, 3), (noise.shape[0], 2, *noise.shape[1:]))
+  noise3 = jnp.concatenate([noise[:, None], more], axis=1)
   valid = ~batch["actions_is_pad"]
-  for name, kw in (("sample_mse", {}),
-                   ("sample_mse_refine_0.1", dict(refine_steps=2, refine_step_size=0.1,
-                                                  refine_max_step=0.05))):
-    pred = np.asarray(model.sample_actions(rng, batch, num_steps=3, noise=noise, **kw))
+  refine = dict(refine_steps=2, refine_step_size=0.1, refine_max_step=0.05)
+  for name, kw in (("sample_mse", dict(noise=noise)),
+                   ("sample_mse_refine_0.1", dict(noise=noise, **refine)),
+                   ("sample_mse_best_of_3", dict(noise=noise3, num_candidates=3)),
+                   ("sample_mse_best_of_3_refine_0.1", dict(noise=noise3, num_candidates=3,
+                                                             **refine))):
+    pred = np.asarray(model.sample_actions(rng, batch, num_steps=3, **kw))
     err = (pred[..., :act_dim] - batch["actions"][..., :act_dim])[valid]
     sse, count = got[name]
     np.testing.assert_allclose(count, err.size)
