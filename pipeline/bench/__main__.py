@@ -14,6 +14,7 @@ from pipeline.bench import checkpoint
 from pipeline.bench import energy
 from pipeline.bench import harness
 from pipeline.bench import loader
+from pipeline.bench import sample
 from pipeline.bench import step
 
 _SIZE = flags.DEFINE_enum("size", None, harness.SIZES,
@@ -39,6 +40,7 @@ _SOURCE_IMAGE_SIZE = flags.DEFINE_integer("source_image_size", 256,
                                           "loader: synthetic image size (LIBERO: 256).")
 _BATCHES = flags.DEFINE_integer("batches", 20, "loader: timed batches per pipeline.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "loader: worker counts.")
+_CANDIDATES = flags.DEFINE_list("candidates", ["4", "16"], "sample: best-of-N sizes.")
 _TOKENIZER = flags.DEFINE_string("tokenizer_path", "",
                                  "loader: tokenizer (default: the synthetic one for the synthetic "
                                  "dataset, else config.data.tokenizer_path).")
@@ -57,6 +59,10 @@ COMMANDS = {
     "checkpoint": (checkpoint, lambda: dict(
         size=_SIZE.value or "mid", batch=_BATCH.value, saves=_SAVES.value,
         extra_mib=[float(x) for x in _EXTRA_MIB.value])),
+    "sample": (sample, lambda: dict(
+        size=_SIZE.value or "full", batch=_BATCH.value or 1,
+        candidates=[int(n) for n in _CANDIDATES.value], time_size=_TIME_SIZE.value,
+        time_batch=_TIME_BATCH.value or 1, steps=_STEPS.value)),
     "step": (step, lambda: dict(
         size=_SIZE.value or "mid", batch=_BATCH.value, steps=_STEPS.value,
         peak=_PEAK_TFLOPS.value)),

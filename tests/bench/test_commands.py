@@ -13,6 +13,7 @@ from pipeline.bench import energy as bench_energy
 from pipeline.bench import harness
 from pipeline.bench import loader as bench_loader
 from pipeline.bench import naive_head
+from pipeline.bench import sample as bench_sample
 from pipeline.bench import step as bench_step
 from pipeline.data import tokenizer
 from pipeline.models import energy as energy_lib
@@ -137,3 +138,15 @@ def test_steps_compile_on_the_loaders_batch():
   assert set(spec["image"]) == {"base_0_rgb", "left_wrist_0_rgb"}
   assert spec["image"]["base_0_rgb"].shape == (4, 256, 256, 3)
   assert spec["image"]["base_0_rgb"].dtype == np.uint8
+
+
+def test_sample_tiny():
+  result = bench_sample.run(size="tiny", candidates=(2, 4), time_size="tiny", steps=1)
+  _check_json(result)
+  flops = result["flops"]
+  # Candidates share the prefix: each adds less than a whole plain sample.
+  assert flops["plain"] < flops["best_of_2"] < flops["best_of_4"] < 4 * flops["plain"]
+  assert result["flops_over_plain"]["best_of_4"] == pytest.approx(
+      flops["best_of_4"] / flops["plain"])
+  assert set(result["timed"]["seconds"]) == {"plain", "best_of_2", "best_of_4"}
+  assert "best_of_4" in bench_sample.format_table(result)
