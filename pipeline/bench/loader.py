@@ -108,7 +108,8 @@ def run(dataset_dir: str = "", *, size: str = "full", batch: int = 32, num_batch
       src = synthetic.write_lerobot_dataset(os.path.join(tmp, "source"), episodes,
                                             image_size=source_image_size, seed=0)
       dataset_dir = str(prepare.prepare(src, os.path.join(tmp, "prepared"),
-                                        action_horizon=c.model.action_horizon))
+                                        action_horizon=c.model.action_horizon,
+                                        delta_action_dims=c.data.delta_action_dims))
       c.data.tokenizer_path = tokenizer_path or tokenizer.SYNTHETIC_TOKENIZER
       c.model.vocab_size = max(c.model.vocab_size, tokenizer.SYNTHETIC_VOCAB_SIZE)
     c.data.dataset_dir = str(dataset_dir)

@@ -188,9 +188,27 @@ def _not_none(x: Any) -> bool:
   return x is not None
 
 
-def _norm_stats_path(config: ml_collections.ConfigDict) -> str:
-  path = config.data.norm_stats_path
-  return path or os.path.join(config.data.dataset_dir, NORM_STATS)
+def _norm_stats_path(config: ml_collections.ConfigDict, info: DatasetInfo | None) -> str:
+  """config.data.norm_stats_path, resolved (pipeline.weights.with_norm_stats); '' / 'dataset': the
+  dataset's, whose stats must then be of the configured action recipe."""
+  d = config.data
+  path = d.norm_stats_path
+  init = config.get("init")
+  if not path and init is not None and (init.get("weights") or init.get("energy_weights")):
+    raise ValueError("config.data.norm_stats_path='' with config.init.weights set: resolve it "
+                     "with pipeline.weights.with_norm_stats first, so that the data is normalized "
+                     "as the weights were trained")
+  if path not in ("", "dataset"):
+    return path
+  path = os.path.join(d.dataset_dir, NORM_STATS)
+  have = int(info.manifest.get("delta_action_dims", 0)) if info is not None else None
+  if have is not None and have != d.delta_action_dims:
+    raise ValueError(
+        f"{path} holds stats of actions with delta_action_dims={have} ({MANIFEST}), but "
+        f"config.data.delta_action_dims={d.delta_action_dims}: prepare the dataset again with "
+        f"--delta_action_dims={d.delta_action_dims} (smoke runs: delete {d.dataset_dir}), or set "
+        "config.data.norm_stats_path to stats computed that way")
+  return path
 
 
 def make_frame_transform(config: ml_collections.ConfigDict, *,
@@ -214,7 +232,7 @@ def make_frame_transform(config: ml_collections.ConfigDict, *,
       _log.warning("%s: first record unreadable (%s); resizing images on the host",
                    info.directory, e)
   return transforms.FrameTransform(
-      norm_stats=transforms.load_norm_stats(_norm_stats_path(config)),
+      norm_stats=transforms.load_norm_stats(_norm_stats_path(config, info)),
       tokenizer_path=tokenizer_path, image_size=m.image_size, image_shapes=image_shapes,
       action_dim=m.action_dim, action_horizon=m.action_horizon, max_token_len=m.max_token_len,
       normalization=config.data.normalization,

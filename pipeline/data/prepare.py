@@ -2,7 +2,7 @@
 
   python -m pipeline.data.prepare --src=DIR --dst=DIR [--format=auto] [--action_horizon=50]
       [--num_workers=N] [--skip_bad=false] [--episodes_per_shard=32] [--verify_images=header]
-      [--overwrite=false] [--split=NAME]
+      [--overwrite=false] [--split=NAME] [--delta_action_dims=6]
 
 Output directory: see `pipeline.data.prepared`, which also reads it.
 
@@ -35,6 +35,7 @@ from absl import logging as absl_logging
 import numpy as np
 
 from pipeline import fileio
+from pipeline.data import normalization
 from pipeline.data import records
 from pipeline.data import sources
 # The layout and read side; loader and tests also reach these names through this module.
@@ -120,22 +121,6 @@ def _write_shard(source: sources.Source, refs: Sequence[sources.EpisodeRef], pat
 
 
 # ----------------------------------------------------------------------------------------------
-# Statistics.
-
-
-def compute_norm_stats(x: np.ndarray) -> dict[str, list[float]]:
-  """mean, std (population), q01, q99 per dimension of x [N, D], computed in float64."""
-  x = np.asarray(x, np.float64)
-  return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(),
-          "q01": np.quantile(x, 0.01, axis=0).tolist(),
-          "q99": np.quantile(x, 0.99, axis=0).tolist()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Directory handling.
-
-
-# ----------------------------------------------------------------------------------------------
 # The conversion.
 
 
@@ -168,7 +153,8 @@ def _feature_spec(source: sources.Source, horizon: int, state_dim: int, action_d
 def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "auto",
             action_horizon: int = 50, num_workers: int = 1, skip_bad: bool = False,
             episodes_per_shard: int = 32, verify_images: str = "header",
-            overwrite: bool = False, split: str | None = None) -> Path:
+            overwrite: bool = False, split: str | None = None,
+            delta_action_dims: int = 0) -> Path:
   """Converts the source at `src` into a prepared ArrayRecord dataset at `dst`.
 
   Args:
@@ -183,6 +169,8 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "au
     overwrite: replace an existing `dst`.
     split: the TFDS split of an RLDS source (None: 'train', or the only split; see
       `sources.rlds`); LeRobot sources have none and refuse any other value than None.
+    delta_action_dims: the action stats are of actions[:, :n] - state[:n] (openpi's pi0_libero:
+      6); must equal the config.data.delta_action_dims of the runs that use these stats.
 
   Returns:
     Path of the complete dataset.
@@ -216,7 +204,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, *, format: str = "au
 
   base = {"version": MANIFEST_VERSION, "format": source.format,
           "source_version": source.version, "source": str(src), "split": source.split,
-          "action_horizon": action_horizon}
+          "action_horizon": action_horizon, "delta_action_dims": int(delta_action_dims)}
   # Another run that finished the same dataset meanwhile wins if its dataset is complete.
   with fileio.atomic_directory(dst, is_complete=is_complete) as tmp:
     fileio.atomic_write_json(tmp / MANIFEST, dict(base, complete=False))
@@ -280,10 +268,12 @@ def _manifest(base: dict, source: sources.Source, tasks: dict, names: list[str],
         raise PrepareError(
             f"{e['path']}: episode {e['episode_index']} has state/action dims {e['dims']}, "
             f"episode {episodes[0]['episode_index']} has {first}")
-  state = np.concatenate([x for r in results for x in r["state"]])
-  actions = np.concatenate([x for r in results for x in r["actions"]])
-  norm_stats = {"norm_stats": {"state": compute_norm_stats(state),
-                               "actions": compute_norm_stats(actions)}}
+  try:
+    norm_stats = normalization.chunk_norm_stats(
+        [x for r in results for x in r["state"]], [x for r in results for x in r["actions"]],
+        horizon, base["delta_action_dims"])
+  except ValueError as e:
+    raise PrepareError(f"{base['source']}: {e}") from e
   encodings = sorted({e for r in results for e in r["encodings"]})
   manifest = dict(base)
   manifest.update({
@@ -295,9 +285,10 @@ def _manifest(base: dict, source: sources.Source, tasks: dict, names: list[str],
       "num_tasks": len(tasks),
       "num_skipped": len(skipped),
       "tasks": [{"task_index": i, "task": tasks.get(i, "")} for i in sorted(tasks)],
-      "features": _feature_spec(source, horizon, state.shape[1], actions.shape[1], encodings),
+      "features": _feature_spec(source, horizon, *first, encodings),
       "norm_stats": NORM_STATS,
-      "norm_stats_actions": "per-frame actions (not pooled over chunks)",
+      "norm_stats_actions": (f"every frame's action chunk ({horizon} steps, as openpi), dims "
+                             f"[0, {base['delta_action_dims']}) minus the frame's state"),
       "shards": shards,
       "episodes": episodes,
       "skipped": skipped,
@@ -347,7 +338,8 @@ def ensure_from_config(config) -> None:
     if d.source_dir:
       logging.info("data: preparing %s -> %s", d.source_dir, d.dataset_dir)
       ensure_prepared(d.source_dir, d.dataset_dir, format=d.source_format,
-                      action_horizon=config.model.action_horizon)
+                      action_horizon=config.model.action_horizon,
+                      delta_action_dims=d.delta_action_dims)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -367,6 +359,9 @@ def _define_flags():
   flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
   flags.DEFINE_string("split", None, "RLDS: the TFDS split to read (default: 'train', or the "
                       "dataset's only split). LeRobot sources have no splits.")
+  flags.DEFINE_integer("delta_action_dims", 6, "Action stats of actions[:, :n] - state[:n] "
+                       "(openpi pi0_libero: 6; 0: raw actions); must match the runs' "
+                       "config.data.delta_action_dims.")
   flags.mark_flags_as_required(["src", "dst"])
 
 
@@ -379,7 +374,7 @@ def main(argv):
     dst = prepare(f.src, f.dst, format=f.format, action_horizon=f.action_horizon,
                   num_workers=f.num_workers, skip_bad=f.skip_bad,
                   episodes_per_shard=f.episodes_per_shard, verify_images=f.verify_images,
-                  overwrite=f.overwrite, split=f.split)
+                  overwrite=f.overwrite, split=f.split, delta_action_dims=f.delta_action_dims)
   except (PrepareError, sources.SourceError) as e:
     raise SystemExit(f"prepare failed: {e}") from None
   m = open_prepared(dst).manifest

@@ -7,15 +7,16 @@ Output directory:
       actions_is_pad bool[H] is True, as openpi builds chunks), prompt, episode_index,
       frame_index, task_index. Records run in episode order; shards hold contiguous episodes.
   norm_stats.json   openpi format {"norm_stats": {"state": {mean, std, q01, q99}, "actions": ...}}.
-      Exact (numpy mean, population std, linearly interpolated quantiles) over every frame's
-      state and every frame's own action. openpi instead pools all H actions of every chunk,
-      which counts each action up to H times and over-weights the last action of an episode
-      (the padding); the per-frame version is the same data without that weighting.
+      Taken as openpi's compute_norm_stats takes them: state over every frame; actions over every
+      frame's whole chunk (H actions, padding included), after the delta transform when
+      `delta_action_dims` n > 0 (actions[:, :n] - state[:n]), so that they standardize exactly
+      what the model sees. Exact values (float64 mean, population std, interpolated quantiles)
+      where openpi's quantiles come from 5000-bin histograms.
   manifest.json     what was converted and how; `complete: true` is written last, after every
       shard and the stats, and `open_prepared` refuses anything else:
         version (of this layout, 1), format ('lerobot_v2' | 'lerobot_v3' | 'rlds'),
         source_version (e.g. 'v2.1'), source (absolute path), split (the TFDS split read, null
-        for LeRobot), action_horizon, created,
+        for LeRobot), action_horizon, delta_action_dims (of the action stats), created,
         record_codec, num_episodes, num_records (= num_frames), num_tasks, num_skipped,
         tasks [{task_index, task}] (the source's task table),
         features {name: {dtype, shape[, encoding]}} of a record,

@@ -6,13 +6,16 @@ shipped size (the model's, or the stored one when the model resizes on the devic
 with the norm stats, then zero-pad them to the model's action_dim (so padded dims are exactly 0);
 tokenize the prompt. Training augmentation is not done here: it runs on the device inside the
 model's preprocessing (pipeline.models.preprocess), as in openpi, where it is cheap.
+
+`FrameTransform.observation` is the part without actions: training frames and live observations
+(the policy server) go through the same code. Actions: `model_actions` (delta, normalize, pad)
+and its inverse `absolute_actions` (normalization.py) for what the model samples.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -20,14 +23,15 @@ from PIL import Image
 from pipeline import batch as batch_lib
 from pipeline.data import records
 from pipeline.data import tokenizer as tokenizer_lib
+# Norm stats live in normalization.py; these names are part of this module's interface too.
+from pipeline.data.normalization import (NORM_EPS, NORMALIZATIONS, absolute_actions,  # noqa: F401
+                                         load_norm_stats, normalize, resolve_norm_stats_path,
+                                         unnormalize)
 
 # Batch camera (pipeline.batch.CAMERAS) <- record field; cameras absent from LIBERO have no image, only mask False
 # (the model makes them black on the device).
 CAMERA_FIELDS = {"base_0_rgb": "image", "left_wrist_0_rgb": "wrist_image",
                  "right_wrist_0_rgb": None}
-NORMALIZATIONS = ("zscore", "quantile")
-NORM_EPS = 1e-6
-
 _log = logging.getLogger(__name__)
 
 
@@ -74,75 +78,7 @@ def resize_with_pad(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Norm stats
-
-
-def _open_text(path: str) -> str:
-  if "://" not in path:
-    with open(path) as f:
-      return f.read()
-  from etils import epath  # Only remote paths need it.
-  return epath.Path(path).read_text()
-
-
-def resolve_norm_stats_path(path: str) -> str:
-  """A norm_stats.json file, or a directory holding exactly one (e.g. a checkpoint's assets/)."""
-  if path.endswith(".json"):
-    return path
-  from etils import epath
-  root = epath.Path(path)
-  if not root.exists():
-    raise FileNotFoundError(f"norm stats path {path!r} does not exist")
-  direct = root / "norm_stats.json"
-  if direct.exists():
-    return str(direct)
-  # Bounded depth instead of "**": openpi keeps <step>/assets/<org>/<name>/norm_stats.json, and
-  # recursive globs on GCS are slow.
-  found = sorted({str(p) for depth in range(1, 5)
-                  for p in root.glob("/".join(["*"] * depth) + "/norm_stats.json")})
-  if len(found) != 1:
-    raise FileNotFoundError(f"expected one norm_stats.json under {path!r}, found {found or 'none'}")
-  return found[0]
-
-
-def load_norm_stats(path: str) -> dict[str, dict[str, np.ndarray | None]]:
-  """Reads openpi-format norm stats: {"norm_stats": {key: {mean, std, q01, q99}}}."""
-  path = resolve_norm_stats_path(path)
-  try:
-    raw = json.loads(_open_text(path))
-  except Exception as e:
-    raise ValueError(f"cannot read norm stats {path!r}: {e}") from e
-  stats = raw.get("norm_stats", raw) if isinstance(raw, dict) else None
-  if not isinstance(stats, dict):
-    raise ValueError(f"norm stats {path!r}: expected a map under 'norm_stats'")
-  out = {}
-  for key, entry in stats.items():
-    if not isinstance(entry, dict) or entry.get("mean") is None or entry.get("std") is None:
-      raise ValueError(f"norm stats {path!r}: entry {key!r} needs 'mean' and 'std'")
-    out[key] = {name: None if entry.get(name) is None else np.asarray(entry[name], np.float32)
-                for name in ("mean", "std", "q01", "q99")}
-  return out
-
-
-def normalize(x: np.ndarray, stats: dict[str, np.ndarray | None], mode: str, *,
-              key: str = "") -> np.ndarray:
-  """Normalizes the last axis of x with the first x.shape[-1] entries of the stats."""
-  d = x.shape[-1]
-  if mode == "zscore":
-    mean, std = stats["mean"], stats["std"]
-    if mean.shape[-1] < d:
-      raise ValueError(f"norm stats {key!r} have {mean.shape[-1]} dims, data has {d}")
-    return ((x - mean[..., :d]) / (std[..., :d] + NORM_EPS)).astype(np.float32)
-  if mode == "quantile":
-    q01, q99 = stats["q01"], stats["q99"]
-    if q01 is None or q99 is None:
-      raise ValueError(f"norm stats {key!r} lack q01/q99, needed by "
-                       "config.data.normalization='quantile'")
-    if q01.shape[-1] < d:
-      raise ValueError(f"norm stats {key!r} have {q01.shape[-1]} dims, data has {d}")
-    q01, q99 = q01[..., :d], q99[..., :d]
-    return ((x - q01) / (q99 - q01 + NORM_EPS) * 2 - 1).astype(np.float32)
-  raise ValueError(f"config.data.normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+# Padding
 
 
 def pad_to_dim(x: np.ndarray, dim: int, *, key: str = "") -> np.ndarray:
@@ -220,71 +156,98 @@ class FrameTransform:
       raise records.RecordError(f"{self._where(record_index)}: {e}") from e
 
   def transform_frame(self, frame: dict[str, Any]) -> dict[str, Any]:
-    """Transforms an already decoded frame dict (see records.FIELDS)."""
+    """Transforms an already decoded frame dict (see records.FIELDS): observation + actions."""
     ep = f"episode {frame.get('episode_index')} frame {frame.get('frame_index')}"
-    images, masks = {}, {}
-    size = self.image_size
+    try:
+      images = {field: decode_image(frame[field], field=field)
+                for field in CAMERA_FIELDS.values() if field is not None}
+      example = self.observation(images, frame["state"], frame["prompt"])
+      actions = self._array(frame, "actions", ndim=2)
+      is_pad = self._array(frame, "actions_is_pad", ndim=1).astype(np.bool_)
+      if actions.shape[0] < self.action_horizon or is_pad.shape[0] != actions.shape[0]:
+        raise records.RecordError(
+            f"field 'actions' has {actions.shape[0]} steps (actions_is_pad {is_pad.shape[0]}), "
+            f"model.action_horizon={self.action_horizon} needs at least that many")
+      example["actions"] = self.model_actions(actions[:self.action_horizon],
+                                              self._array(frame, "state", ndim=1))
+      example["actions_is_pad"] = is_pad[:self.action_horizon]
+    except records.RecordError as e:
+      raise records.RecordError(f"{ep}: {e}") from e
+    return example
+
+  def observation(self, images: Mapping[str, np.ndarray], state: Any,
+                  prompt: str | bytes) -> dict[str, Any]:
+    """A raw observation -> the model's example without actions.
+
+    The one path from robot data to model input, shared by training frames and live
+    observations (the policy server).
+
+    Args:
+      images: decoded uint8 [H, W, 3] per record field ('image', 'wrist_image').
+      state: the raw state vector, as the robot reports it.
+      prompt: the task instruction.
+    Raises:
+      records.RecordError: naming the field that is missing or malformed.
+    """
+    out_images, masks = {}, {}
     for key in batch_lib.CAMERAS:
       field = CAMERA_FIELDS[key]
       if field is None:
         # Absent: only its mask travels; the model makes the black image on the device.
         masks[key] = np.bool_(False)
         continue
-      try:
-        img = decode_image(frame[field], field=field)
-      except records.RecordError as e:
-        raise records.RecordError(f"{ep}: {e}") from e
+      if field not in images:
+        raise records.RecordError(f"field {field!r} missing (have {sorted(images)})")
+      img = np.asarray(images[field])
+      if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise records.RecordError(f"field {field!r} has shape {img.shape} dtype {img.dtype}, "
+                                  "expected uint8 [H, W, 3]")
       # uint8; the model scales it (and resizes it when shipped at the stored size).
-      images[key] = resize_with_pad(img, *self.image_shapes.get(key, (size, size)))
+      out_images[key] = resize_with_pad(img, *self.image_shapes.get(key, (self.image_size,) * 2))
       masks[key] = np.bool_(True)
+    state = self._array({"state": state}, "state", ndim=1)
+    try:
+      state = normalize(state, self.norm_stats["state"], self.normalization, key="state")
+      state = pad_to_dim(state, self.action_dim, key="field 'state'")
+    except ValueError as e:
+      raise records.RecordError(str(e)) from e
+    if isinstance(prompt, bytes):
+      prompt = prompt.decode("utf-8")
+    if not isinstance(prompt, str):
+      raise records.RecordError(f"field 'prompt' is a {type(prompt).__name__}, expected str")
+    tokens, token_mask = self.tokenizer(prompt)
+    return {"image": out_images, "image_mask": masks, "state": state,
+            "tokenized_prompt": tokens, "tokenized_prompt_mask": token_mask}
 
-    state = self._array(frame, "state", ep, ndim=1)
-    actions = self._array(frame, "actions", ep, ndim=2)
-    is_pad = self._array(frame, "actions_is_pad", ep, ndim=1).astype(np.bool_)
-    if actions.shape[0] < self.action_horizon or is_pad.shape[0] != actions.shape[0]:
-      raise records.RecordError(
-          f"{ep}: field 'actions' has {actions.shape[0]} steps (actions_is_pad {is_pad.shape[0]}), "
-          f"model.action_horizon={self.action_horizon} needs at least that many")
-    actions, is_pad = actions[:self.action_horizon], is_pad[:self.action_horizon]
+  def model_actions(self, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """Raw actions [H, A] of a raw state -> the model's: delta dims, normalized, padded."""
     n = self.delta_action_dims
     if n:
       if n > min(state.shape[0], actions.shape[1]):
-        raise records.RecordError(f"{ep}: config.data.delta_action_dims={n} exceeds the state "
+        raise records.RecordError(f"config.data.delta_action_dims={n} exceeds the state "
                                   f"({state.shape[0]}) or action ({actions.shape[1]}) dims")
       actions = actions.copy()
       actions[:, :n] -= state[:n]
     try:
-      state = normalize(state, self.norm_stats["state"], self.normalization, key="state")
       actions = normalize(actions, self.norm_stats["actions"], self.normalization, key="actions")
-      state = pad_to_dim(state, self.action_dim, key="field 'state'")
-      actions = pad_to_dim(actions, self.action_dim, key="field 'actions'")
+      return pad_to_dim(actions, self.action_dim, key="field 'actions'")
     except ValueError as e:
-      raise records.RecordError(f"{ep}: {e}") from e
+      raise records.RecordError(str(e)) from e
 
-    prompt = frame["prompt"]
-    if isinstance(prompt, bytes):
-      prompt = prompt.decode("utf-8")
-    if not isinstance(prompt, str):
-      raise records.RecordError(f"{ep}: field 'prompt' is a {type(prompt).__name__}, expected str")
-    tokens, token_mask = self.tokenizer(prompt)
-    return {
-        "image": images,
-        "image_mask": masks,
-        "state": state,
-        "tokenized_prompt": tokens,
-        "tokenized_prompt_mask": token_mask,
-        "actions": actions,
-        "actions_is_pad": is_pad,
-    }
+  def absolute_actions(self, actions: np.ndarray, state: np.ndarray,
+                       act_dim: int | None = None) -> np.ndarray:
+    """Inverse of model_actions for sampled actions [..., H, D] of raw states [..., S]."""
+    return absolute_actions(actions, state, self.norm_stats, normalization=self.normalization,
+                            delta_action_dims=self.delta_action_dims, act_dim=act_dim)
 
   @staticmethod
-  def _array(frame: dict, field: str, where: str, *, ndim: int) -> np.ndarray:
+  def _array(frame: dict, field: str, *, ndim: int) -> np.ndarray:
     x = np.asarray(frame[field])
     if x.ndim != ndim or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-      raise records.RecordError(f"{where}: field {field!r} has shape {x.shape} dtype {x.dtype}, "
+      raise records.RecordError(f"field {field!r} has shape {x.shape} dtype {x.dtype}, "
                                 f"expected a {ndim}-d numeric array")
     if x.dtype != np.bool_ and not np.all(np.isfinite(x)):
-      raise records.RecordError(f"{where}: field {field!r} holds non-finite values")
+      raise records.RecordError(f"field {field!r} holds non-finite values")
     return x.astype(np.float32) if x.dtype != np.bool_ else x
 
 

@@ -2,7 +2,7 @@
 
 `prepared_dataset` is the dataset the loader and training tests read: a LeRobot v2.1 source of
 PREPARED_EPISODES episodes (PREPARED_IMAGE_SIZE px images) prepared with action_horizon
-PREPARED_HORIZON.
+PREPARED_HORIZON and the configs' action recipe (delta_action_dims 6).
 """
 from pathlib import Path
 
@@ -65,12 +65,13 @@ def prepared_dir(tmp_path_factory, source_dir):
   """Factory: source variant name -> path of its prepared dataset (action_horizon 5)."""
   cache = {}
 
-  def get(name: str, action_horizon: int = 5) -> Path:
-    key = (name, action_horizon)
+  def get(name: str, action_horizon: int = 5, delta_action_dims: int = 0) -> Path:
+    key = (name, action_horizon, delta_action_dims)
     if key not in cache:
       dst = tmp_path_factory.mktemp(f"prep_{name}") / "prepared"
       cache[key] = prepare.prepare(source_dir(name), dst, action_horizon=action_horizon,
-                                   num_workers=1, episodes_per_shard=4)
+                                   num_workers=1, episodes_per_shard=4,
+                                   delta_action_dims=delta_action_dims)
     return cache[key]
 
   return get
@@ -84,7 +85,7 @@ def prepared_dataset(tmp_path_factory) -> Path:
       root / "source", PREPARED_EPISODES, version="v2.1", image_size=PREPARED_IMAGE_SIZE,
       min_length=MIN_LENGTH, max_length=MAX_LENGTH, seed=123)
   return prepare.prepare(src, root / "prepared", action_horizon=PREPARED_HORIZON,
-                         num_workers=1, episodes_per_shard=2)
+                         num_workers=1, episodes_per_shard=2, delta_action_dims=6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def _write_small_dataset(directory, episode_lengths, *, corrupt=(), image_hw=lam
   ones = {"mean": [0.0] * 8, "std": [1.0] * 8, "q01": [-2.0] * 8, "q99": [2.0] * 8}
   with open(os.path.join(directory, loader.NORM_STATS), "w") as f:
     json.dump({"norm_stats": {"state": ones, "actions": ones}}, f)
-  manifest = {"version": prepare.MANIFEST_VERSION, "action_horizon": HORIZON,
+  manifest = {"version": prepare.MANIFEST_VERSION, "action_horizon": HORIZON, "delta_action_dims": 6,
               "num_records": len(frames), "shards": shards, "episodes": episodes, "complete": True}
   with open(os.path.join(directory, loader.MANIFEST), "w") as f:
     json.dump(manifest, f)

@@ -65,21 +65,40 @@ def test_round_trip_equals_source(name, prepared_dir, reference_episodes):
   ds.close()
 
 
-@pytest.mark.parametrize("name", ["lerobot_v21", "rlds"])
-def test_norm_stats_equal_numpy(name, prepared_dir, reference_episodes):
-  root = prepared_dir(name)
+def _openpi_stats(x):
+  """openpi's compute_norm_stats formulas: std = sqrt(max(0, E[x^2] - E[x]^2)), in float64."""
+  x = np.asarray(x, np.float64)
+  mean = x.mean(0)
+  return {"mean": mean, "std": np.sqrt(np.maximum(0, (x * x).mean(0) - mean**2)),
+          "q01": np.quantile(x, 0.01, axis=0), "q99": np.quantile(x, 0.99, axis=0)}
+
+
+@pytest.mark.parametrize("name,delta", [("lerobot_v21", 0), ("lerobot_v21", 6), ("rlds", 6)])
+def test_norm_stats_equal_openpi_reference(name, delta, prepared_dir, reference_episodes):
+  """State per frame; actions over every frame's whole chunk, after the delta transform."""
+  horizon = 5
+  root = prepared_dir(name, horizon, delta)
   ref = reference_episodes(name)
   with open(root / "norm_stats.json") as f:
     stats = json.load(f)
+  pooled = []
+  for e in ref:
+    for t in range(len(e["actions"])):
+      chunk, _ = _naive_chunk(e["actions"], t, horizon)
+      chunk = chunk.astype(np.float64)
+      chunk[:, :delta] -= e["state"][t, :delta]
+      pooled.extend(chunk)
+  want = {"state": _openpi_stats(np.concatenate([e["state"] for e in ref])),
+          "actions": _openpi_stats(np.array(pooled))}
+  assert len(pooled) == horizon * sum(len(e["actions"]) for e in ref)
   assert set(stats) == {"norm_stats"} and set(stats["norm_stats"]) == {"state", "actions"}
   for key in ("state", "actions"):
-    x = np.concatenate([e[key] for e in ref]).astype(np.float64)
-    want = {"mean": x.mean(0), "std": x.std(0), "q01": np.quantile(x, 0.01, axis=0),
-            "q99": np.quantile(x, 0.99, axis=0)}
-    assert set(stats["norm_stats"][key]) == set(want)
-    for stat, value in want.items():
-      np.testing.assert_allclose(stats["norm_stats"][key][stat], value, rtol=1e-12, atol=1e-12,
+    assert set(stats["norm_stats"][key]) == set(want[key])
+    for stat, value in want[key].items():
+      np.testing.assert_allclose(stats["norm_stats"][key][stat], value, rtol=1e-9, atol=1e-12,
                                  err_msg=f"{key}.{stat}")
+  m = prepare.open_prepared(root).manifest
+  assert m["delta_action_dims"] == delta and f"[0, {delta})" in m["norm_stats_actions"]
 
 
 def test_manifest_schema(prepared_dataset):
@@ -418,7 +437,7 @@ def _data_config(tmp_path, **data):
       "seed": 3, "model": {"action_horizon": 4},
       "data": dict({"dataset_dir": str(tmp_path / "prepared"), "source_dir": str(tmp_path / "src"),
                     "source_format": "auto", "synthetic": True, "synthetic_episodes": 3,
-                    "synthetic_image_size": 16}, **data)})
+                    "synthetic_image_size": 16, "delta_action_dims": 6}, **data)})
 
 
 def test_ensure_from_config_writes_synthetic_source_and_prepares(tmp_path, monkeypatch):
@@ -426,6 +445,7 @@ def test_ensure_from_config_writes_synthetic_source_and_prepares(tmp_path, monke
   prepare.ensure_from_config(config)
   m = prepare.open_prepared(tmp_path / "prepared").manifest
   assert m["num_episodes"] == 3 and m["action_horizon"] == 4 and m["format"] == "lerobot_v2"
+  assert m["delta_action_dims"] == 6  # the config's recipe
   assert m["source"] == str((tmp_path / "src").resolve())
   assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "src"]  # no temporaries
 
