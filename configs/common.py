@@ -61,9 +61,17 @@ def data_config() -> ml_collections.ConfigDict:
   d.synthetic_episodes = 0
   d.synthetic_image_size = 64
   d.tokenizer_path = tokenizer.PALIGEMMA_TOKENIZER
-  d.norm_stats_path = ""  # '' -> dataset_dir/norm_stats.json; else a file or a dir holding one
+  # The stats the weights were trained with, so the data matches them. '': this run's own
+  # checkpoint when resuming, else init.weights' (openpi: <ckpt>/assets/<asset_id>/norm_stats.json
+  # next to its params/; ours: the checkpoint's), else the dataset's; 'dataset': the dataset's
+  # (dataset_dir/norm_stats.json); otherwise a norm_stats.json file or a directory holding one.
+  d.norm_stats_path = ""
+  d.asset_id = "physical-intelligence/libero"  # openpi's assets/<asset_id>/ (lookup and export)
   d.normalization = "zscore"  # pi0: zscore; pi05 / pi0-FAST: quantile
-  d.delta_action_dims = 0  # 6 with openpi pi0_libero norm stats (its extra delta transform)
+  # openpi pi0_libero's extra delta transform: actions[:, :6] -= state[:6] (gripper absolute)
+  # before normalizing; actions go back to absolute wherever they leave the model. The stats
+  # must be computed the same way (prepare --delta_action_dims).
+  d.delta_action_dims = 6
   d.eval_fraction = 0.05  # share of episodes held out for evaluation
   d.split_seed = 0  # picks the held-out episodes; separate from shuffle_seed so they stay fixed
   d.eval_repeat = False  # eval iterates once unless True
@@ -118,8 +126,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optim = optim_config()
 
   c.init = ml_collections.ConfigDict()
-  c.init.weights = OPENPI_PI0_LIBERO  # '' -> random init
+  # An openpi params dir (local or gs://; e.g. pipeline.export's D/params), one of our checkpoint
+  # steps (<workdir>/checkpoints/<step>) or one of our workdirs (its latest step); '': random init.
+  c.init.weights = OPENPI_PI0_LIBERO
+  c.init.use_ema = True  # from our checkpoints: the EMA params where the state has them
   c.init.missing_ok = r"energy/.*"  # params that may be absent from the weights (keep their init)
+  # The energy head alone, loaded over init.weights: `pipeline.export --only=energy`'s D/params,
+  # or any of the forms of init.weights (only its energy/ params are taken). '': none.
+  c.init.energy_weights = ""
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = -1  # -1: all devices on the fsdp axis; data axis gets the rest

@@ -7,6 +7,7 @@ One checkpoint step holds the composite
   topology   process count, mesh, batch and worker counts of the run that saved it (JSON),
   unlogged_metrics  per-step train metrics not yet logged at that step (JSON), so that a
              resumed run logs the same means as an uninterrupted one.
+Initial weights (openpi params, our steps or workdirs) are pipeline.weights' concern.
 Saves are async; `wait_until_finished` must run before the process exits. Orbax writes a step into
 `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a process killed mid-save leaves
 no step that looks complete (and the tmp dir is removed by the next run).
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import threading
 from typing import Any
@@ -32,7 +32,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
-from flax import traverse_util
 
 _SIGTERM = threading.Event()
 
@@ -211,54 +210,7 @@ def restore(ckpt: Checkpointer, step: int, abstract_state: Any, train_iter: Any,
 
 
 # ---------------------------------------------------------------------------------------------
-# Initial weights from an openpi params checkpoint.
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  return {"/".join(str(k) for k in keys): v
-          for keys, v in traverse_util.flatten_dict(tree).items()}
-
-
-def check_weights(ckpt_shapes: dict[str, tuple[int, ...]], target: Any, missing_ok: str,
-                  source: str = "checkpoint") -> list[str]:
-  """Raises naming every missing / extra / mis-shaped param; returns the allowed-missing ones."""
-  want = {k: tuple(v.shape) for k, v in _flat(target).items()}
-  missing_ok_re = re.compile(missing_ok) if missing_ok else None
-  missing = sorted(set(want) - set(ckpt_shapes))
-  allowed = [k for k in missing if missing_ok_re is not None and missing_ok_re.fullmatch(k)]
-  problems = [f"missing param {k} {want[k]}" for k in missing if k not in allowed]
-  problems += [f"unexpected param {k} {ckpt_shapes[k]}"
-               for k in sorted(set(ckpt_shapes) - set(want))]
-  problems += [f"shape mismatch for param {k}: {source} {ckpt_shapes[k]} vs model {want[k]}"
-               for k in sorted(set(want) & set(ckpt_shapes)) if ckpt_shapes[k] != want[k]]
-  if problems:
-    raise ValueError(f"cannot load weights from {source}:\n  " + "\n  ".join(problems))
-  return allowed
-
-
-def load_weights(path: str, target: Any, *,
-                 missing_ok: str = r"energy/.*") -> tuple[dict, list[str]]:
-  """Loads an openpi params checkpoint (local or gs://) straight into target shardings.
-
-  `target` is the model's pure-dict tree of jax.ShapeDtypeStruct carrying `.sharding`. Returns the
-  loaded sub-tree (every target param but the allowed-missing ones, cast to the target dtypes) and
-  the allowed-missing paths, which keep their fresh initialization.
-  """
-  from pipeline.models import openpi_checkpoint  # pylint: disable=g-import-not-at-top
-
-  # Checked from metadata first, so that nothing is read when the trees disagree.
-  shapes = {k: tuple(shape) for k, (shape, _) in
-            openpi_checkpoint.checkpoint_param_shapes(path).items()}
-  allowed = check_weights(shapes, target, missing_ok, source=path)
-  skip = set(allowed)
-  sub = traverse_util.unflatten_dict(
-      {k: v for k, v in traverse_util.flatten_dict(target).items()
-       if "/".join(map(str, k)) not in skip})
-  # Arrays are cast to the target dtypes and placed in the target shardings while reading.
-  out = openpi_checkpoint.restore_openpi_params(path, target=sub)
-  logging.info("weights: loaded %d params from %s; kept init for %d (%s)", len(shapes), path,
-               len(allowed), ", ".join(allowed[:8]) + ("..." if len(allowed) > 8 else ""))
-  return out, allowed
+# JSON items
 
 
 def config_to_json(config) -> dict:

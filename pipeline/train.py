@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
@@ -28,7 +27,9 @@ from pipeline import evaluate
 from pipeline import metrics as metrics_lib
 from pipeline import sharding as sharding_lib
 from pipeline import trainer as trainer_lib
+from pipeline import weights as weights_lib
 from pipeline.data import loader
+from pipeline.data import normalization
 from pipeline.data import prepare
 from pipeline.models import pi0 as pi0_lib
 
@@ -41,6 +42,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
   (SIGTERM), which is then saved with all pending writes finished.
   """
   config = loader.resolve_paths(config, workdir)
+  # The stats the weights were trained with (this run's own when resuming; see configs/common).
+  config = weights_lib.with_norm_stats(config, workdir)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   if config.max_bad_steps < 1:
     raise ValueError(f"config.max_bad_steps must be >= 1, got {config.max_bad_steps}")
@@ -52,8 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh, *,
   topology = checkpoint_lib.topology(config, mesh)
   saved_with_each_step = dict(
       config=checkpoint_lib.config_to_json(config), topology=topology,
-      norm_stats=checkpoint_lib.read_json(
-          config.data.norm_stats_path or os.path.join(config.data.dataset_dir, "norm_stats.json")))
+      norm_stats=normalization.read_norm_stats_json(config.data.norm_stats_path))
 
   writer = None
   # SIGTERM stays a preemption notice until the last write has finished; everything opened is
@@ -100,6 +102,10 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer,
   for m in unlogged:
     acc.add(m)
   eval_rng = jax.random.key(config.seed + 1)
+  # Warns once when the first batches are far from standardized (stats that do not fit the data).
+  standardization = normalization.StandardizationCheck(
+      normalization.load_norm_stats(config.data.norm_stats_path), config.data.norm_stats_path,
+      config.data.normalization)
   # (step, on-device bad-step counter) not yet checked. Checking one step late keeps dispatch
   # asynchronous; eval and saves check first, so a run that must stop saves nothing more.
   pending = None
@@ -113,7 +119,10 @@ def _train_loop(config, workdir: str, trainer: trainer_lib.Trainer,
   t0 = time.time()
   for step in range(start + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      batch = loader.to_global_batch(next(train_iter), trainer.batch_sharding)
+      local_batch = next(train_iter)
+      if standardization is not None and standardization.add(local_batch):
+        standardization = None
+      batch = loader.to_global_batch(local_batch, trainer.batch_sharding)
       state, step_metrics = trainer.train_step(state, batch)
     settle()
     pending = (step, step_metrics.pop("bad_steps"))

@@ -18,9 +18,9 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from pipeline import checkpoint as checkpoint_lib
 from pipeline import optim
 from pipeline import sharding as sharding_lib
+from pipeline import weights as weights_lib
 from pipeline.models import pi0 as pi0_lib
 from pipeline.models import pi0_config
 
@@ -254,14 +254,13 @@ class Trainer:
                    out_shardings=select(self.param_shardings))(key)
 
   def new_state(self) -> TrainState:
-    """Initial train state: fresh params, merged with config.init.weights when set."""
+    """Initial train state: fresh params, merged with config.init.weights / energy_weights."""
     key = jax.random.key(self.config.seed)
-    weights = self.config.init.weights
-    if weights:
+    init = self.config.init
+    if init.weights or init.get("energy_weights"):
       target = with_shardings(self.parts.abstract_params, self.param_shardings)
-      loaded, missing = checkpoint_lib.load_weights(
-          weights, target, missing_ok=self.config.init.missing_ok)
-      params = optim.merge(loaded, self.init_params(key, missing)) if missing else loaded
+      loaded, fresh = weights_lib.load_init_params(self.config, target)
+      params = optim.merge(loaded, self.init_params(key, fresh)) if fresh else loaded
     else:
       params = self.init_params(key)
     return self._init_state(params)

@@ -1,4 +1,4 @@
-"""Checkpoint manager (state + data iterator + JSON items, keep policy) and weight loading."""
+"""Checkpoint manager (state + data iterator + JSON items, keep policy) and openpi weights."""
 import os
 
 import grain
@@ -14,6 +14,7 @@ from pipeline import checkpoint
 from pipeline import optim
 from pipeline import sharding
 from pipeline import trainer as trainer_lib
+from pipeline import weights
 from tests import train_fakes
 
 
@@ -97,20 +98,20 @@ def test_check_weights_names_bad_params():
   good = {"/".join(map(str, k)): tuple(v.shape)
           for k, v in traverse_util.flatten_dict(target).items()}
   no_energy = {k: v for k, v in good.items() if not k.startswith("energy/")}
-  assert checkpoint.check_weights(no_energy, target, "energy/.*") == [
+  assert weights.check_weights(no_energy, target, "energy/.*") == [
       "energy/out/bias", "energy/out/kernel"]
-  assert checkpoint.check_weights(good, target, "energy/.*") == []
+  assert weights.check_weights(good, target, "energy/.*") == []
   missing = {k: v for k, v in good.items() if k != "backbone/embed/kernel"}
   with pytest.raises(ValueError, match=r"missing param backbone/embed/kernel \(8, 64\)"):
-    checkpoint.check_weights(missing, target, "energy/.*")
+    weights.check_weights(missing, target, "energy/.*")
   with pytest.raises(ValueError, match="unexpected param backbone/extra"):
-    checkpoint.check_weights({**good, "backbone/extra": (3,)}, target, "energy/.*")
+    weights.check_weights({**good, "backbone/extra": (3,)}, target, "energy/.*")
   bad = dict(good, **{"backbone/layers/1/kernel": (64, 65)})
   with pytest.raises(ValueError, match=r"shape mismatch for param backbone/layers/1/kernel: "
                      r"ckpt \(64, 65\) vs model \(64, 64\)"):
-    checkpoint.check_weights(bad, target, "energy/.*", source="ckpt")
+    weights.check_weights(bad, target, "energy/.*", source="ckpt")
   with pytest.raises(ValueError, match="missing param energy/out/kernel"):
-    checkpoint.check_weights(no_energy, target, "")
+    weights.check_weights(no_energy, target, "")
 
 
 @pytest.fixture
@@ -127,8 +128,9 @@ def test_load_weights_into_shardings(tmp_path, openpi_checkpoint_module):
   _write_openpi(tmp_path / "params", source)
   specs = sharding.param_specs(parts.abstract_params, mesh, [(".*", "fsdp")], 0)
   target = trainer_lib.with_shardings(parts.abstract_params, sharding.to_named(mesh, specs))
-  loaded, missing = checkpoint.load_weights(str(tmp_path / "params"), target,
-                                            missing_ok="energy/.*")
+  loaded, missing, used_ema = weights.load(str(tmp_path / "params"), target,
+                                           missing_ok="energy/.*")
+  assert not used_ema
   assert missing == ["energy/out/bias", "energy/out/kernel"] and "energy" not in loaded
   k = loaded["backbone"]["layers"][1]["kernel"]
   assert k.sharding.spec == P("fsdp", None)
@@ -139,4 +141,4 @@ def test_load_weights_into_shardings(tmp_path, openpi_checkpoint_module):
   bad["backbone"]["layers"][1]["kernel"] = np.zeros((64, 32), np.float32)
   _write_openpi(tmp_path / "bad", bad)
   with pytest.raises(ValueError, match="shape mismatch for param backbone/layers/1/kernel"):
-    checkpoint.load_weights(str(tmp_path / "bad"), target, missing_ok="energy/.*")
+    weights.load(str(tmp_path / "bad"), target, missing_ok="energy/.*")

@@ -55,7 +55,9 @@ def _unflatten(flat: Mapping[Tuple[str, ...], Any]) -> dict:
 
 def _read_metadata(path: epath.Path) -> dict:
   """Nested dict of ArrayMetadata as stored (including `params`/`value`)."""
-  md = ocp.PyTreeCheckpointer().metadata(path)
+  # The handler reads the item alone (the Checkpointer also looks for step metadata, and warns
+  # inside our steps' items).
+  md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
   # orbax >= 0.12 wraps the tree in StepMetadata / TreeMetadata.
   md = getattr(md, 'item_metadata', md)
   md = getattr(md, 'tree', md)
@@ -65,14 +67,20 @@ def _read_metadata(path: epath.Path) -> dict:
   return dict(md)
 
 
-def _stored_layout(path: epath.Path):
-  """Maps pure param path -> (stored key tuple, shape, dtype)."""
+def _stored_layout(path: epath.Path, prefix: Optional[str] = None):
+  """Maps pure param path -> (stored key tuple, shape, dtype).
+
+  prefix: read only the subtree under this top-level key (e.g. 'params' or 'ema' of one of our
+  train states); None: the whole tree, minus openpi's top-level "params" key.
+  """
   tree = _read_metadata(path)
-  flat = _flatten(tree)
+  flat = {k: v for k, v in _flatten(tree).items()
+          if v is not None and (prefix is None or k[0] == prefix)}
   if not flat:
-    raise ValueError(f'openpi checkpoint {path} holds no arrays.')
+    raise ValueError(f'checkpoint {path} holds no arrays'
+                     + (f' under {prefix!r}.' if prefix else '.'))
   # openpi nests everything under a top-level "params" key.
-  drop_first = all(k[0] == 'params' for k in flat)
+  drop_first = prefix is not None or all(k[0] == 'params' for k in flat)
   drop_value = all(k[-1] == 'value' for k in flat)
   layout = {}
   for stored, meta in flat.items():
@@ -82,6 +90,11 @@ def _stored_layout(path: epath.Path):
     layout[_SEP.join(map(str, key))] = (stored, tuple(meta.shape),
                                         np.dtype(meta.dtype))
   return layout
+
+
+def stored_layout(path, prefix: Optional[str] = None):
+  """Public `_stored_layout` of a checkpoint dir: pure path -> (stored key, shape, dtype)."""
+  return _stored_layout(_resolve_dir(path), prefix)
 
 
 def checkpoint_param_shapes(path) -> Dict[str, Tuple[Tuple[int, ...], Any]]:
@@ -123,7 +136,6 @@ def restore_openpi_params(path, *, target: Optional[Mapping] = None,
   """
   ckpt_dir = _resolve_dir(path)
   layout = _stored_layout(ckpt_dir)
-  default_sharding = None
 
   if target is None:
     wanted = {k: None for k in layout}
@@ -153,29 +165,48 @@ def restore_openpi_params(path, *, target: Optional[Mapping] = None,
                        'model parameters:\n  ' + '\n  '.join(problems))
     wanted = {k: v for k, v in wanted.items() if k in layout}
 
+  return restore_layout(ckpt_dir, layout, wanted, out_keys, dtype=dtype)
+
+
+def restore_layout(path, layout: Mapping[str, Tuple], wanted: Mapping[str, Any],
+                   out_keys: Optional[Mapping[str, Tuple]] = None, *, dtype=None,
+                   restore_type=jax.Array) -> dict:
+  """Reads the `wanted` params (pure path -> target leaf or None) of a checkpoint.
+
+  layout: `stored_layout` of the checkpoint, possibly merged from several subtrees (the stored
+  key each pure path reads from). Each array is cast to `dtype`, else to its target leaf's
+  dtype, else kept as stored, and placed in the target leaf's `.sharding` (replicated without
+  one); restore_type=np.ndarray reads host arrays instead. Returns a nested dict keyed by
+  `out_keys[path]` (default: the path split at '/').
+  """
+  ckpt_dir = _resolve_dir(path)
+  default_sharding = None
   item, restore_args = {}, {}
   for key, leaf in wanted.items():
     stored, shape, stored_dtype = layout[key]
     sharding = getattr(leaf, 'sharding', None)
-    if sharding is None:
+    if sharding is None and restore_type is jax.Array:
       if default_sharding is None:
         default_sharding = _default_sharding()
       sharding = default_sharding
     leaf_dtype = dtype or (leaf.dtype if leaf is not None else stored_dtype)
     item[stored] = jax.ShapeDtypeStruct(shape, stored_dtype)
-    restore_args[stored] = ocp.ArrayRestoreArgs(
-        restore_type=jax.Array, sharding=sharding, dtype=leaf_dtype,
-        global_shape=shape)
-  partial = len(wanted) < len(layout)
+    if restore_type is jax.Array:
+      restore_args[stored] = ocp.ArrayRestoreArgs(
+          restore_type=jax.Array, sharding=sharding, dtype=leaf_dtype,
+          global_shape=shape)
+    else:
+      restore_args[stored] = ocp.RestoreArgs(restore_type=np.ndarray,
+                                             dtype=leaf_dtype)
+  # Partial: the item names what to read; anything else stored stays on disk.
   restored = ocp.PyTreeCheckpointer().restore(
       ckpt_dir,
       args=ocp.args.PyTreeRestore(item=_unflatten(item),
                                   restore_args=_unflatten(restore_args),
-                                  partial_restore=partial))
+                                  partial_restore=True))
   flat = _flatten(restored)
-  by_stored = {layout[k][0]: k for k in wanted}
   out = {}
-  for stored, value in flat.items():
-    if stored in by_stored:
-      out[out_keys[by_stored[stored]]] = value
+  for key in wanted:
+    value = flat[layout[key][0]]
+    out[out_keys[key] if out_keys else tuple(key.split(_SEP))] = value
   return _unflatten(out)
