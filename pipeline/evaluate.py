@@ -31,6 +31,7 @@ from pipeline import checkpoint as checkpoint_lib
 from pipeline import metrics as metrics_lib
 from pipeline import sharding as sharding_lib
 from pipeline import trainer as trainer_lib
+from pipeline import weights as weights_lib
 from pipeline.data import loader
 from pipeline.models import energy as energy_lib
 
@@ -158,6 +159,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
   num_candidates: best-of-N sizes; None = config.eval_num_candidates.
   """
   config = loader.resolve_paths(config, workdir)
+  # Normalize as the run trained: its checkpoint's norm stats (pipeline.weights).
+  config = weights_lib.with_norm_stats(config, workdir)
   if mesh is None:
     mesh = sharding_lib.make_mesh(config.mesh.fsdp)
   sharding_lib.check_batch_size(config.batch_size, mesh)
