@@ -184,6 +184,78 @@ def test_delta_actions_before_normalization(norm_stats):
                              rtol=1e-5, atol=1e-6)
 
 
+def test_observation_is_the_frame_path_without_actions(norm_stats):
+  """A live observation (decoded images, raw state, prompt) gives what a dataset frame gives."""
+  frame = _frame()
+  t = _transform(norm_stats, delta_action_dims=6)
+  ex = t(0, records.encode_frame(frame))
+  images = {f: np.asarray(Image.open(io.BytesIO(frame[f])).convert("RGB"))
+            for f in ("image", "wrist_image")}
+  obs = t.observation(images, frame["state"].tolist(), frame["prompt"])
+  assert set(obs) == set(ex) - {"actions", "actions_is_pad"}
+  flat = lambda d: {f"{k}/{j}" if isinstance(v, dict) else k: (v[j] if isinstance(v, dict) else v)
+                    for k, v in d.items() for j in (v if isinstance(v, dict) else [None])}
+  got, want = flat(obs), flat({k: ex[k] for k in obs})
+  assert set(got) == set(want)
+  for key in got:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  with pytest.raises(records.RecordError, match="'wrist_image' missing"):
+    t.observation({"image": images["image"]}, frame["state"], frame["prompt"])
+  with pytest.raises(records.RecordError, match=r"'image' has shape.*float32.*uint8"):
+    t.observation(dict(images, image=images["image"].astype(np.float32)), frame["state"], "x")
+
+
+@pytest.mark.parametrize("normalization", ["zscore", "quantile"])
+def test_absolute_actions_invert_the_model_actions(norm_stats, normalization):
+  frame = _frame()
+  ex = _transform(norm_stats, delta_action_dims=6, normalization=normalization)(
+      0, records.encode_frame(frame))
+  got = transforms.absolute_actions(ex["actions"], frame["state"], norm_stats,
+                                    normalization=normalization, delta_action_dims=6, act_dim=7)
+  assert got.shape == (HORIZON, 7) and got.dtype == np.float32
+  np.testing.assert_allclose(got, frame["actions"][:HORIZON], rtol=1e-5, atol=1e-5)
+  # By hand, for a batch of samples: unnormalize (openpi's formulas), add the state back on 0..5.
+  rng = np.random.default_rng(1)
+  sampled = rng.normal(size=(2, HORIZON, ACTION_DIM)).astype(np.float32)
+  states = rng.normal(size=(2, 8)).astype(np.float32)
+  a = norm_stats["actions"]
+  if normalization == "zscore":
+    want = sampled[..., :7] * (a["std"] + 1e-6) + a["mean"]
+  else:
+    want = (sampled[..., :7] + 1) / 2 * (a["q99"] - a["q01"] + 1e-6) + a["q01"]
+  want[..., :6] += states[:, None, :6]
+  got = transforms.absolute_actions(sampled, states, norm_stats, normalization=normalization,
+                                    delta_action_dims=6)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_far_from_standardized_batches_warn_naming_file_and_dim(norm_stats, caplog):
+  from pipeline.data import normalization
+  rng = np.random.default_rng(0)
+  good = {"state": rng.normal(size=(64, ACTION_DIM)).astype(np.float32),
+          "actions": rng.normal(size=(64, HORIZON, ACTION_DIM)).astype(np.float32)}
+  good["state"][:, 8:] = 0
+  good["actions"][..., 7:] = 0
+  good["state"][:, 7] = 0  # a constant dimension is not a problem
+  check = normalization.StandardizationCheck(norm_stats, "/stats/norm_stats.json", "zscore",
+                                             num_batches=2)
+  with caplog.at_level("WARNING"):
+    assert not check.add(good)
+    assert check.add(good)
+  assert not caplog.records
+  bad = {k: v.copy() for k, v in good.items()}
+  bad["actions"][..., 3] += 0.8  # the mean of raw actions under delta stats, for example
+  bad["state"][:, 2] *= 3.0
+  check = normalization.StandardizationCheck(norm_stats, "/stats/norm_stats.json", "zscore",
+                                             num_batches=1)
+  with caplog.at_level("WARNING"):
+    assert check.add(bad)
+  text = caplog.text
+  assert "/stats/norm_stats.json" in text
+  assert "actions dim 3: mean +0.8" in text and "state dim 2:" in text
+  assert "actions dim 2:" not in text and "state dim 7" not in text
+
+
 def test_quantile_padding_is_zero(norm_stats):
   ex = _transform(norm_stats, normalization="quantile")(0, records.encode_frame(_frame()))
   q = norm_stats["state"]
