@@ -33,6 +33,10 @@ def test_real_run_defaults(name):
       "warmup_cosine", 1000, 2.5e-5, 30000, 2.5e-6)
   assert o.ema_decay == 0.99
   assert c.data.dataset_dir and not c.data.synthetic
+  # openpi pi0_libero's data recipe: delta on dims 0-5, the weights' own norm stats.
+  assert (c.data.delta_action_dims, c.data.normalization) == (6, "zscore")
+  assert c.data.norm_stats_path == "" and c.data.asset_id == "physical-intelligence/libero"
+  assert c.init.use_ema and c.init.energy_weights == ""
 
 
 def test_modes():

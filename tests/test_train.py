@@ -1,6 +1,7 @@
 """End to end: smoke training, energy-only freezing, resume, FSDP on 8 devices, NaN guard."""
 import functools
 import glob
+import json
 import os
 import time
 
@@ -17,6 +18,7 @@ from pipeline import optim
 from pipeline import sharding
 from pipeline import train
 from pipeline import trainer as trainer_lib
+from pipeline import weights
 from pipeline.data import loader
 
 STEPS = 60
@@ -252,6 +254,37 @@ def test_init_weights_merged_into_fresh_tree(smoke, tmp_path):
   config.init.weights = str(tmp_path / "bad")
   with pytest.raises(ValueError, match=f"shape mismatch for param {k0}"):
     trainer_lib.Trainer(config, one_device_mesh()).new_state()
+
+
+def test_second_stage_starts_from_the_first(smoke, tmp_path):
+  """init.weights = stage 1's workdir or one of its steps: its EMA params and its norm stats."""
+  stage1 = smoke["workdir"]
+  step_dir = os.path.join(stage1, "checkpoints", str(STEPS))
+  want = dict(flat(smoke["state"].params), **flat(smoke["state"].ema))  # EMA: the energy head
+  assert any(not np.array_equal(flat(smoke["state"].params)[k], v)
+             for k, v in flat(smoke["state"].ema).items())
+  config = smoke_config(num_train_steps=2, eval_every=0, save_every=2, seed=7)
+  config.data.dataset_dir = os.path.join(stage1, "data")
+  config.data.synthetic = False
+  config.data.source_dir = ""
+  for given in (step_dir, stage1):
+    config.init.weights = given
+    state = trainer_lib.Trainer(config, one_device_mesh()).new_state()
+    got = flat(state.params)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+  assert weights.norm_stats_path(config) == os.path.join(step_dir, "norm_stats", "metadata")
+  state = train.run(config, str(tmp_path), one_device_mesh())
+  got = flat(state.params)
+  for k in want:
+    if not k.startswith("energy/"):  # frozen in stage 2
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  ck = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"), save_every=2)
+  saved = ck.restore_json(2, "norm_stats")
+  ck.close()
+  with open(os.path.join(step_dir, "norm_stats", "metadata")) as f:
+    assert saved == json.load(f)  # stage 2 trained with (and saved) stage 1's stats
 
 
 def test_preemption_saves_and_returns(smoke, tmp_path, monkeypatch):
