@@ -1,11 +1,13 @@
 """Matmul / conv FLOPs counted from a jaxpr, loops counted once per iteration.
 
 XLA's `cost_analysis()` counts a loop body (scan, while, lax.map) once, which undercounts scanned
-layer stacks; this counter multiplies loop bodies by their trip counts.
+layer stacks; this counter multiplies loop bodies by their trip counts. `hlo_flops` does the same
+on one device's compiled program, after SPMD partitioning.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -74,8 +76,13 @@ def _jaxpr_flops(jaxpr, stats: dict[str, int]) -> float:
       total += trips * (body + cond) + cond
     elif name == "cond":
       total += max(_jaxpr_flops(b.jaxpr, stats) for b in eqn.params["branches"])
+    elif name == "shard_map":
+      # The body sees one device's shards and runs once per device of its manual axes.
+      mesh = eqn.params["mesh"]
+      copies = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
+      total += copies * sum(_jaxpr_flops(j, stats) for j in _sub_jaxprs(eqn.params["jaxpr"]))
     else:
-      # pjit, closed_call, remat, custom_jvp/vjp calls, shard_map, ...: their sub-jaxprs once.
+      # pjit, closed_call, remat, custom_jvp/vjp calls, ...: their sub-jaxprs once.
       for value in eqn.params.values():
         for sub in _sub_jaxprs(value):
           total += _jaxpr_flops(sub, stats)
@@ -94,7 +101,8 @@ def count_flops(fn: Callable[..., Any], *args) -> dict[str, float]:
 
 
 def compiled_cost(compiled, counted: dict[str, float]) -> dict[str, float]:
-  """FLOPs (counted from the jaxpr), XLA's FLOPs and peak temporary memory of an executable."""
+  """FLOPs (counted from the jaxpr: the whole program), one device's FLOPs (from its HLO) and
+  XLA's, and one device's memory (temp, total) of an executable."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device program
     cost = cost[0]
@@ -107,4 +115,93 @@ def compiled_cost(compiled, counted: dict[str, float]) -> dict[str, float]:
       "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
       "temp_bytes": float(getattr(mem, "temp_size_in_bytes", float("nan"))),
       "argument_bytes": float(getattr(mem, "argument_size_in_bytes", float("nan"))),
+      # Per device: arguments + outputs not aliased to (donated) arguments + temp.
+      "total_bytes": float(sum(getattr(mem, f"{k}_size_in_bytes", float("nan"))
+                               for k in ("argument", "output", "temp"))
+                           - getattr(mem, "alias_size_in_bytes", 0.0)),
+      "device_flops": hlo_flops(compiled)["flops"],
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-device FLOPs of a compiled (SPMD-partitioned) program
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*)$")
+_DIMS = re.compile(r"\[([\d,]*)\]")
+
+
+def _dims(shape: str) -> list[int]:
+  """Dims of an array shape like 'f32[4,8]{1,0}' ([] for a scalar or a tuple)."""
+  m = _DIMS.search(shape)
+  return [int(d) for d in m.group(1).split(",") if d] if m and not shape.startswith("(") else []
+
+
+def _instruction_flops(op: str, shape: str, rest: str, shapes: dict[str, str]) -> float:
+  if op not in ("dot", "convolution"):
+    return 0.0
+  operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+  out = math.prod(_dims(shape))
+  if op == "dot":
+    lhs = _dims(shapes.get(operands[0], ""))
+    contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    dims = [int(d) for d in contract.group(1).split(",") if d] if contract else []
+    return 2.0 * out * math.prod(lhs[d] for d in dims)
+  # convolution: each output element sums over the kernel's input features and window.
+  rhs = _dims(shapes.get(operands[1], ""))
+  labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
+  return 2.0 * out * math.prod(n for n, c in zip(rhs, labels) if c != "o")
+
+
+def hlo_flops(compiled) -> dict[str, float]:
+  """Dot / convolution FLOPs of one device's program, while loops x their known trip count.
+
+  Reads the optimized, partitioned HLO text, so work that the partitioner replicates shows up
+  on every device (XLA's own cost_analysis counts loop bodies once). Returns {"flops",
+  "uncounted_while"}: whiles with dots but no known trip count, counted once.
+  """
+  comps: dict[str, list[tuple[str, str, str]]] = {}
+  shapes: dict[str, str] = {}
+  entry, current = None, None
+  for line in compiled.as_text().splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = comps.setdefault(m.group(1), [])
+      entry = m.group(1) if line.startswith("ENTRY") else entry
+      # Parameters: "name: shape" pairs in the header.
+      for name, shape in re.findall(r"([\w.\-]+): (\S+?)[,)]", line.split(" -> ")[0]):
+        shapes[name] = shape
+      continue
+    m = _INSTRUCTION.match(line)
+    if m and current is not None:
+      name, shape, op, rest = m.groups()
+      shapes[name] = shape
+      current.append((op, shape, rest))
+  stats = {"uncounted_while": 0}
+  memo: dict[str, float] = {}
+
+  def total(comp: str) -> float:
+    if comp not in memo:
+      memo[comp] = 0.0  # guards against cycles (none in valid HLO)
+      flops = 0.0
+      for op, shape, rest in comps.get(comp, []):
+        flops += _instruction_flops(op, shape, rest, shapes)
+        if op == "while":
+          body = re.search(r"body=%([\w.\-]+)", rest).group(1)
+          trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+          if trips is None and total(body):
+            stats["uncounted_while"] += 1
+          flops += (int(trips.group(1)) if trips else 1) * total(body)
+        elif op == "conditional":
+          listed = re.search(r"branch_computations=\{([^}]*)\}", rest)
+          branches = re.findall(r"%([\w.\-]+)", listed.group(1)) if listed else re.findall(
+              r"_computation=%([\w.\-]+)", rest)
+          flops += max((total(b) for b in branches), default=0.0)
+        else:
+          # fusion / call / async bodies; to_apply (reductions) holds no dots.
+          for callee in re.findall(r"calls=%([\w.\-]+)", rest):
+            flops += total(callee)
+      memo[comp] = flops
+    return memo[comp]
+
+  return {"flops": total(entry), "uncounted_while": stats["uncounted_while"]}
