@@ -6,6 +6,7 @@ differentiates the trainable part only.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -190,6 +191,18 @@ def state_specs(abstract_state: TrainState, param_specs: Any) -> TrainState:
       rng=P(), bad_steps=P())
 
 
+def under_mesh(mesh, fn: Callable) -> Callable:
+  """fn traced with `mesh` as the context mesh: the model splits over it what GSPMD would not
+  (EnergyModel.pairwise: each device scores its own contexts)."""
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
+
+
 def with_shardings(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -224,12 +237,12 @@ class Trainer:
     self._init_state = jax.jit(init_state, out_shardings=self.state_shardings,
                                donate_argnums=0)
     self.train_step = jax.jit(
-        make_train_step(self.parts, self.tx, self.mask, self.schedule, self.ema_decay,
-                        augment=bool(config.data.augment)),
+        under_mesh(mesh, make_train_step(self.parts, self.tx, self.mask, self.schedule,
+                                         self.ema_decay, augment=bool(config.data.augment))),
         in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     self.eval_step = jax.jit(
-        make_eval_step(self.parts),
+        under_mesh(mesh, make_eval_step(self.parts)),
         in_shardings=(self.param_shardings, self.batch_sharding, self.replicated),
         out_shardings=self.replicated)
 

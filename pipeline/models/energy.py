@@ -15,7 +15,8 @@ chunk. Everything that depends on one sample only (both encoders and the
 key/value/query projections) runs once per sample; only the attention and
 the head run per pair, so the context is never repeated B times. The
 per-pair part runs in chunks of contexts, so that its largest tensors (and
-their gradients) exist for one chunk at a time.
+their gradients) exist for one chunk at a time. Under a mesh, each device
+runs the per-pair part of its own contexts only (against all action chunks).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 # Hidden width of each residual block, in multiples of the head width. The
 # prediction head runs once per (context, action chunk) pair and action step,
@@ -341,6 +343,7 @@ class EnergyModel(nnx.Module):
     *,
     rngs: nnx.Rngs | jax.Array | None = None,
     pair_chunk: int | None = None,
+    batch_axes: tuple[str, ...] | None = None,
   ) -> jax.Array:
     """Energies of all pairs: result[i, j] = E(context_i, actions_j).
 
@@ -352,13 +355,24 @@ class EnergyModel(nnx.Module):
     chunk's per-pair tensors at a time (at the cost of recomputing the
     per-pair forward once).
 
+    Under a mesh (the context mesh of `jax.sharding.use_abstract_mesh` /
+    `jax.set_mesh`, as the trainer's steps run), each device scores its own
+    contexts against the action chunks of the whole batch: the per-pair part
+    splits over the devices like the rest of the step, and only the action
+    features and queries (B*H tokens) are gathered, never the context. The
+    result does not depend on the mesh or the chunking, dropout included.
+
     Args:
       context: [B, S, C].
       context_mask: bool [B, S], True = valid token.
       actions: [B, H, A] (its batch may differ from the context's).
       rngs: dropout randomness; None = no dropout.
-      pair_chunk: contexts per chunk (must divide B_context); None =
-        `self.pair_chunk(...)`.
+      pair_chunk: contexts per chunk on each device (must divide the
+        contexts per device); None = `self.pair_chunk(...)`.
+      batch_axes: mesh axes that split the contexts; None = every axis of
+        the context mesh (pipeline.sharding shards the batch over all of
+        them). Without a mesh, with one device, or with a batch the devices
+        do not divide, everything runs in one program.
 
     Returns:
       float32 [B_context, B_actions].
@@ -375,40 +389,122 @@ class EnergyModel(nnx.Module):
     num_actions, horizon = actions.shape[:2]
     # All action chunks' queries as one query set shared by every context.
     flat_queries = queries.reshape(num_actions * horizon, *queries.shape[2:])
-
-    def energies_of_chunk(inputs):
-      """E(context_i, actions_j) for the chunk's contexts i and all j."""
-      keys, values, mask, dropout_key = inputs
-      attended = self.attention.attend(flat_queries, keys, values, mask)
-      attended = attended.reshape(-1, num_actions, horizon, self.hidden)
-      per_step = self._energy_per_step(
-        features[None], attended, _as_rngs(dropout_key)
-      )
-      return per_step.astype(jnp.float32).mean(axis=-1)
-
+    # One dropout key per context, so the per-pair dropout masks do not depend
+    # on how the contexts are chunked or split over devices.
+    context_keys = (
+      None if rngs is None
+      else jax.random.split(rngs.dropout(), num_contexts)
+    )
+    mesh, axes, devices = _context_mesh(num_contexts, batch_axes)
+    local_contexts = num_contexts // devices
     chunk = pair_chunk or self.pair_chunk(
-      num_contexts, flat_queries.shape[0], context_len
+      local_contexts, flat_queries.shape[0], context_len
     )
-    if num_contexts % chunk:
+    if local_contexts % chunk:
+      where = f" per device ({devices} devices)" if devices > 1 else ""
       raise ValueError(
-        f"EnergyModel: pair_chunk {chunk} must divide the batch {num_contexts}"
+        f"EnergyModel: pair_chunk {chunk} must divide the batch "
+        f"{local_contexts}{where}"
       )
-    num_chunks = num_contexts // chunk
-    dropout_key = None if rngs is None else rngs.dropout()
-    if num_chunks <= 1:
-      return energies_of_chunk((keys, values, context_mask, dropout_key))
-    in_chunks = lambda x: x.reshape(num_chunks, chunk, *x.shape[1:])
-    dropout_keys = (
-      None if rngs is None else jax.random.split(dropout_key, num_chunks)
+    # The modules of the per-pair part, as arrays that can enter shard_map.
+    graphdef, params = nnx.split((self.attention, self.head))
+
+    def rows(params, keys, values, mask, context_keys, features, queries):
+      attention, head = nnx.merge(graphdef, params)
+      return _pair_rows(
+        attention, head, keys, values, mask, context_keys, features,
+        queries, chunk,
+      )
+
+    args = (params, keys, values, context_mask, context_keys, features,
+            flat_queries)
+    if devices == 1:
+      return rows(*args)
+    # shard_map rather than sharding constraints: the per-pair part is a loop
+    # over chunks of contexts, and GSPMD, left to itself, gathers the
+    # contexts and runs that loop whole on every device. Inside, everything
+    # is local; the replicated inputs (head parameters, action features and
+    # queries) are gathered once, and their gradients summed over devices.
+    split, whole = P(axes), P()
+    return jax.shard_map(
+      rows,
+      mesh=mesh,
+      in_specs=(whole, split, split, split, split, whole, whole),
+      out_specs=split,
+      axis_names=set(axes),
+    )(*args)
+
+
+def _context_mesh(num_contexts: int, batch_axes: tuple[str, ...] | None):
+  """(context mesh, axes that split the contexts, their device count), or
+  (None, (), 1) where everything runs in one program.
+
+  The mesh comes from the context (the trainer traces its steps under its
+  mesh), so the model needs no mesh argument, imports nothing from
+  pipeline.sharding, and runs unchanged without one.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None, (), 1
+  axes = tuple(mesh.axis_names if batch_axes is None else batch_axes)
+  unknown = [a for a in axes if a not in mesh.shape]
+  if unknown:
+    raise ValueError(
+      f"EnergyModel: batch_axes {unknown} are not axes of the mesh "
+      f"{dict(mesh.shape)}"
     )
-    # A loop over checkpointed chunks: the forward keeps one chunk's per-pair
-    # tensors at a time and the backward recomputes them chunk by chunk. (A
-    # Python loop would be unrolled, and XLA then keeps all chunks alive.)
-    chunks = tuple(map(in_chunks, (keys, values, context_mask)))
-    energies = jax.lax.map(
-      jax.checkpoint(energies_of_chunk), (*chunks, dropout_keys)
-    )
-    return energies.reshape(num_contexts, num_actions)
+  devices = math.prod(mesh.shape[a] for a in axes)
+  if devices == 1 or num_contexts % devices:
+    return None, (), 1
+  return mesh, axes, devices
+
+
+def _pair_rows(
+  attention: CrossAttention,
+  head: MLPResNet,
+  keys: jax.Array,
+  values: jax.Array,
+  mask: jax.Array,
+  context_keys: jax.Array | None,
+  features: jax.Array,
+  queries: jax.Array,
+  chunk: int,
+) -> jax.Array:
+  """E(context_i, actions_j) for the given contexts i and all action chunks j.
+
+  keys, values [N, S, heads, d], mask [N, S] and context_keys [N] (or None)
+  of N contexts; features [B, H, W] and queries [B*H, heads, d] of all action
+  chunks. The contexts run `chunk` at a time. Returns float32 [N, B].
+  """
+  num_contexts = keys.shape[0]
+  num_actions, horizon, width = features.shape
+
+  def energies(keys, values, mask, dropout_key):
+    attended = attention.attend(queries, keys, values, mask)
+    attended = attended.reshape(-1, num_actions, horizon, width)
+    per_step = head(features[None] + attended, rngs=_as_rngs(dropout_key))
+    return per_step[..., 0].astype(jnp.float32).mean(axis=-1)
+
+  def energies_of_chunk(inputs):
+    keys, values, mask, context_keys = inputs
+    if context_keys is None:
+      return energies(keys, values, mask, None)
+    # Dropout: one context at a time, each with its own key.
+    one = lambda k, v, m, key: energies(k[None], v[None], m[None], key)[0]
+    return jax.vmap(one)(keys, values, mask, context_keys)
+
+  num_chunks = num_contexts // chunk
+  inputs = (keys, values, mask, context_keys)
+  if num_chunks <= 1:
+    return energies_of_chunk(inputs)
+  in_chunks = lambda x: x.reshape(num_chunks, chunk, *x.shape[1:])
+  # A loop over checkpointed chunks: the forward keeps one chunk's per-pair
+  # tensors at a time and the backward recomputes them chunk by chunk. (A
+  # Python loop would be unrolled, and XLA then keeps all chunks alive.)
+  energies_ = jax.lax.map(
+    jax.checkpoint(energies_of_chunk), jax.tree.map(in_chunks, inputs)
+  )
+  return energies_.reshape(num_contexts, num_actions)
 
 
 def infonce(
