@@ -97,6 +97,7 @@ def run(dataset_dir: str = "", *, size: str = "full", batch: int = 32, num_batch
   c = common.get_base_config()
   harness.model_size(c, size)
   c.batch_size = batch
+  c.data.norm_stats_path = "dataset"  # throughput only: the benchmark's own data, its stats
   c.data.num_threads = num_threads
   c.data.prefetch = prefetch
   if tokenizer_path:
