@@ -146,26 +146,30 @@ def test_rlds_layout(source_dir):
 
 
 def test_episodes_are_learnable():
-  """Actions are a function of what the images, the state and the task show."""
+  """Actions are a function of the target, the state and the task; the images show the target."""
   eps = list(synthetic.generate_episodes(4, seed=7, image_size=64, min_length=15,
                                          max_length=15))
+  located = 0
   for ep in eps:
     tz, goal_rot = synthetic.task_goal(ep.task_id)
-    # The target's image position: centroid of the red blob in the first agent-view frame.
-    img = ep.image[0].astype(int)
-    red = (img[..., 0] == 220) & (img[..., 1] == 40) & (img[..., 2] == 40)
-    rows, cols = np.nonzero(red)
-    target_xy = (np.array([cols.mean(), rows.mean()]) + 0.5) / 64 * 2 - 1
-    target = np.array([*target_xy, tz], np.float32)
+    assert ep.target[2] == tz
     for t in range(len(ep.state)):
-      want = synthetic.expert_action(ep.state[t], target, goal_rot)
-      # The blob is drawn partly hidden under the end effector at times; allow a small error.
-      np.testing.assert_allclose(ep.actions[t][3:], want[3:], atol=1e-6)
-      np.testing.assert_allclose(ep.actions[t][:3], want[:3], atol=0.15)
+      np.testing.assert_array_equal(ep.actions[t],
+                                    synthetic.expert_action(ep.state[t], ep.target, goal_rot))
+    # The target's image position: the wholly red pixels of a frame where the gripper is clear.
+    u, v = synthetic.project(ep.target)
+    clear = [t for t in range(len(ep.state))
+             if np.hypot(*np.subtract(synthetic.project(ep.state[t]), (u, v))) > 0.6]
+    for t in clear[:1]:
+      rows, cols = np.nonzero(np.all(ep.image[t] == synthetic.RED, axis=-1))
+      np.testing.assert_allclose((np.array([cols.mean(), rows.mean()]) + 0.5) / 64 * 2 - 1,
+                                 (u, v), atol=1.5 / 32)
+      located += 1
     # The state integrates the actions (plus small noise).
     moved = ep.state[1:, :3] - ep.state[:-1, :3]
     np.testing.assert_allclose(moved, synthetic.STEP * ep.actions[:-1, :3], atol=0.03)
     assert set(np.unique(ep.actions[:, 6])) <= {-1.0, 1.0}
+  assert located >= 2
   # Different tasks at the same state ask for different actions.
   state = eps[0].state[0]
   a = synthetic.expert_action(state, np.array([0, 0, synthetic.task_goal(0)[0]], np.float32),
@@ -173,6 +177,28 @@ def test_episodes_are_learnable():
   b = synthetic.expert_action(state, np.array([0, 0, synthetic.task_goal(7)[0]], np.float32),
                               synthetic.task_goal(7)[1])
   assert not np.allclose(a, b)
+
+
+def test_images_show_every_state_dim_at_32px():
+  """The energy head sees images and prompt, not the state: each state dim the demonstrator
+  acts on (position, orientation, gripper) and the target's position must show at the tiny
+  model's 32 px."""
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    state = np.zeros(synthetic.STATE_DIM, np.float32)
+    state[:3] = rng.uniform(-0.8, 0.8, 3)
+    state[3:6] = rng.uniform(-0.4, 0.4, 3)
+    state[6] = rng.uniform(0, synthetic.GRIPPER_OPEN)
+    state[7] = -state[6]
+    target = np.array([*rng.uniform(-0.7, 0.7, 2), 0.0], np.float32)
+    base = np.concatenate(synthetic.render(3, target, state, 32)).astype(int)
+    moves = [("state", d, 0.05) for d in range(6)] + [("state", 6, 0.005 * np.sign(0.02 - state[6]))]
+    moves += [("target", d, 0.05) for d in range(2)]
+    for what, d, step in moves:
+      s, t = state.copy(), target.copy()
+      (s if what == "state" else t)[d] += step
+      moved = np.concatenate(synthetic.render(3, t, s, 32)).astype(int)
+      assert np.abs(moved - base).sum() > 200, (what, d)
 
 
 def test_generation_is_deterministic():
