@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from pipeline.bench import checkpoint
 from pipeline.bench import energy
@@ -23,6 +24,9 @@ _TIME_SIZE = flags.DEFINE_enum("time_size", "mid", harness.SIZES,
                                "energy: model size of the wall-clock comparison.")
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: 32 full, 8 mid, 4 tiny).")
 _TIME_BATCH = flags.DEFINE_integer("time_batch", None, "energy: batch of the timed steps.")
+_DEVICES = flags.DEFINE_integer("devices", 1,
+                                "energy: also measure per device on this many devices against one; "
+                                "> 1 runs JAX on that many host CPU devices.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step).")
 _SAVES = flags.DEFINE_integer("saves", 5, "checkpoint: number of saves (median reported).")
 _EXTRA_MIB = flags.DEFINE_list("extra_mib", ["0", "256", "1024"],
@@ -49,7 +53,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer_path", "",
 COMMANDS = {
     "energy": (energy, lambda: dict(
         size=_SIZE.value or "full", batch=_BATCH.value, time_size=_TIME_SIZE.value,
-        time_batch=_TIME_BATCH.value, steps=_STEPS.value)),
+        time_batch=_TIME_BATCH.value, steps=_STEPS.value, devices=_DEVICES.value)),
     "loader": (loader, lambda: dict(
         dataset_dir=_DATASET_DIR.value, size=_SIZE.value or "full",
         batch=_BATCH.value or harness.default_batch(_SIZE.value or "full"),
@@ -73,6 +77,11 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m pipeline.bench {{{'|'.join(COMMANDS)}}} [--json]")
   module, kwargs = COMMANDS[argv[1]]
+  if _DEVICES.value > 1:
+    # Host devices exist only if asked for before JAX starts its backend (nothing above has
+    # touched it); the config raises if it is too late, where XLA_FLAGS would be ignored.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   logging.set_verbosity(logging.WARNING)  # the trainer logs every param's sharding at INFO
   if _JSON.value:
     # Progress goes to stderr; stdout stays one JSON object.

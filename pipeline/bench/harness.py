@@ -1,7 +1,8 @@
 """What the benchmarks share: model sizes, training modes, compiled train steps, timing.
 
 A train step here is the trainer's (value_and_grad of compute_train_loss over the trainable
-params, clipped AdamW, EMA), jitted with its shardings on a one-device mesh and compiled on the
+params, clipped AdamW, EMA), jitted with its shardings on a mesh of the first `devices` devices
+(all on the fsdp axis, one by default) and compiled on the
 batch the loader produces for LIBERO (pipeline.batch.spec: uint8 cameras at the stored 256 px,
 the right wrist camera as a mask only).
 """
@@ -62,16 +63,15 @@ def default_batch(size: str) -> int:
   return {"full": 32, "mid": 8, "tiny": 4}[size]
 
 
-def mode_config(size: str, mode: str, batch: int) -> ml_collections.ConfigDict:
-  """The base training config at `size` in benchmark `mode` (one of MODES)."""
+def mode_config(size: str, mode: str, batch: int, devices: int = 1) -> ml_collections.ConfigDict:
+  """The base training config at `size` in benchmark `mode` (one of MODES) on `devices`."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
   c = common.get_base_config()
   model_size(c, size)
   c.batch_size = batch
   c.init.weights = ""
-  c.mesh.fsdp = 1
-  c.sharding.min_size_mib = 0.0
+  c.mesh.fsdp = devices  # the default FSDP rules
   c.model.energy_mode = MODES[mode]
   return c
 
@@ -81,13 +81,16 @@ def prefix_len(model_config) -> int:
   return len(batch_lib.CAMERAS) * (model_config.image_size // patch)**2 + model_config.max_token_len
 
 
-def one_device_mesh():
-  return sharding.make_mesh(1, devices=jax.devices()[:1])
+def mesh_of(devices: int = 1):
+  """Mesh (data 1, fsdp `devices`) over the first `devices` devices."""
+  if devices > jax.device_count():
+    raise ValueError(f"{devices} devices asked, {jax.device_count()} present (bench: --devices)")
+  return sharding.make_mesh(devices, devices=jax.devices()[:devices])
 
 
-def make_trainer(size: str, mode: str, batch: int) -> trainer_lib.Trainer:
+def make_trainer(size: str, mode: str, batch: int, devices: int = 1) -> trainer_lib.Trainer:
   build_fn = naive_head.build_model if mode == "naive" else pi0.build_model
-  return trainer_lib.Trainer(mode_config(size, mode, batch), one_device_mesh(), build_fn)
+  return trainer_lib.Trainer(mode_config(size, mode, batch, devices), mesh_of(devices), build_fn)
 
 
 def step_batch_spec(trainer: trainer_lib.Trainer) -> dict[str, Any]:
@@ -96,16 +99,18 @@ def step_batch_spec(trainer: trainer_lib.Trainer) -> dict[str, Any]:
                         sharding=trainer.batch_sharding)
 
 
-# (size, mode, batch) -> (trainer, compiled step, compile seconds, counted FLOPs): one compile per
-# step shape and process, shared by the commands (energy and step compile the same steps).
-_COMPILED: dict[tuple[str, str, int], tuple[Any, Any, float, dict[str, float]]] = {}
+# (size, mode, batch, devices) -> (trainer, compiled step, compile seconds, counted FLOPs): one
+# compile per step shape and process, shared by the commands (energy and step compile the same
+# steps).
+_COMPILED: dict[tuple[str, str, int, int], tuple[Any, Any, float, dict[str, float]]] = {}
 
 
-def compiled_step(size: str, mode: str, batch: int) -> tuple[Any, Any, float, dict[str, float]]:
+def compiled_step(size: str, mode: str, batch: int,
+                  devices: int = 1) -> tuple[Any, Any, float, dict[str, float]]:
   """(trainer, compiled train step, compile seconds, counted FLOPs), from abstract shapes."""
-  key = (size, mode, batch)
+  key = (size, mode, batch, devices)
   if key not in _COMPILED:
-    trainer = make_trainer(size, mode, batch)
+    trainer = make_trainer(size, mode, batch, devices)
     spec = step_batch_spec(trainer)
     t0 = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state, spec).compile()

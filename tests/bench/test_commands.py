@@ -48,8 +48,9 @@ def test_prefix_len_full_size():
 
 
 def test_energy_tiny():
-  # Timing is covered by test_step_tiny; here only the compiled costs (4 steps + the head).
-  result = bench_energy.run(size="tiny", batch=4, time_size=None)
+  # Timing is covered by test_step_tiny; here only the compiled costs (4 steps + the head), on
+  # one device and per device on 8.
+  result = bench_energy.run(size="tiny", batch=8, time_size=None, devices=8)
   _check_json(result)
   steps = result["steps"]
   assert set(steps) == set(harness.MODES)
@@ -58,12 +59,18 @@ def test_energy_tiny():
   assert steps["energy_only"]["flops"] < steps["joint"]["flops"]
   assert result["naive_overhead"] > result["overhead"] > 0
   head = result["head"]
-  assert head["context_shape"] == [4, harness.prefix_len(harness.mode_config("tiny", "joint", 4).model),
+  assert head["context_shape"] == [8, harness.prefix_len(harness.mode_config("tiny", "joint", 8).model),
                                    32]
   assert head["naive"]["train"]["temp_bytes"] > head["pairwise"]["train"]["temp_bytes"]
   assert "timed" not in result
+  # On 8 devices each does about an eighth of the head's work (1 context each).
+  multi = result["multi"]
+  assert set(multi["steps"]) == set(bench_energy.MULTI_MODES)
+  assert 0 < multi["head_device_flops_ratio"] <= 0.2
+  assert 0 < multi["head_alone_train_device_flops_ratio"] <= 0.2
+  assert result["targets"]["head_flops_per_device_le_0.2x_at_8"]
   table = bench_energy.format_table(result)
-  assert "overhead" in table and "naive" in table
+  assert "overhead" in table and "naive" in table and "1 vs 8 devices" in table
 
 
 def test_step_tiny():
