@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from pipeline.models import energy as energy_lib
+from pipeline.models import energy_layers
 
 # Small, mutually coprime sizes so that shape checks on the jaxpr can tell a
 # context repeated per pair (B*B*S*head_dim elements) from legal tensors.
@@ -116,7 +117,7 @@ def test_pairwise_never_repeats_context(model, inputs):
   assert not offenders, f"per-pair context tensors: {offenders}"
   # The context encoder sees each token once: its widest activation is
   # [B, S, MLP_RATIO * hidden], never with a second batch dim.
-  assert (B, S, energy_lib.MLP_RATIO * HIDDEN) in _all_shapes(jaxpr)
+  assert (B, S, energy_layers.MLP_RATIO * HIDDEN) in _all_shapes(jaxpr)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_pair_chunk_choice(model, monkeypatch):
   assert chunk * 32 * 50 * 8 * 816 <= energy_lib._PAIR_CHUNK_ELEMENTS
   # Small inputs fit one chunk; a prime batch falls back to a divisor.
   assert model.pair_chunk(B, B * H, S) == B
-  bound = 2 * B * H * energy_lib.MLP_RATIO * HIDDEN  # two contexts' head activations
+  bound = 2 * B * H * energy_layers.MLP_RATIO * HIDDEN  # two contexts' head activations
   monkeypatch.setattr(energy_lib, "_PAIR_CHUNK_ELEMENTS", bound)
   assert model.pair_chunk(4, B * H, S) == 2
   assert model.pair_chunk(B, B * H, S) == 1
