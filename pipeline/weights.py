@@ -142,6 +142,7 @@ def norm_stats_path(config, workdir: str | None = None) -> str:
 
   Raises:
     FileNotFoundError: init.weights has no norm stats; names where they were looked for.
+    ValueError: the run in `workdir` was trained with another action recipe (check_recipe).
   """
   d = config.data
   if d.norm_stats_path == "dataset":
@@ -151,6 +152,7 @@ def norm_stats_path(config, workdir: str | None = None) -> str:
   step = latest_step(workdir) if workdir else None
   if step is not None:
     own = _ours(epath.Path(workdir) / "checkpoints" / str(step), workdir)
+    check_recipe(own, config)  # resuming / evaluating with the recipe the run trained with
     if own.norm_stats_path:
       return own.norm_stats_path
   if config.init.weights:

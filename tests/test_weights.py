@@ -156,6 +156,10 @@ def test_norm_stats_path_order(run, tmp_path, parts):
   # A run's own checkpoint comes first (resuming, evaluating).
   assert weights.norm_stats_path(c, str(workdir)) == weights.norm_stats_path(c)
   assert weights.norm_stats_path(c, str(own)) == weights.norm_stats_path(c)
+  c.data.delta_action_dims = 0  # resuming / evaluating that run with another recipe
+  with pytest.raises(ValueError, match="delta_action_dims=6 .this run: 0."):
+    weights.norm_stats_path(c, str(workdir))
+  c.data.delta_action_dims = 6
   c.data.norm_stats_path = "dataset"
   assert weights.norm_stats_path(c) == "/data/x/norm_stats.json"
   c.data.norm_stats_path = "/s/norm_stats.json"
