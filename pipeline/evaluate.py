@@ -8,8 +8,9 @@ config.eval_use_ema, else the trained params) and measures on the eval split:
   flow_loss, energy_loss (InfoNCE at the configured batch), retrieval_accuracy, E_pos, E_neg
     (the trainer's eval step);
   sample_mse: MSE of model.sample_actions vs the ground-truth actions over the first
-    energy_act_dim dims and the valid (not padded) steps, and sample_mse_refine_<step size>
-    after energy refinement of the same samples, for each step size.
+    energy_act_dim dims and the valid (not padded) steps, both in absolute, unnormalized action
+    space (as a policy returns them); sample_mse_best_of_<N> for the lowest-energy of N
+    candidates; and <variant>_refine_<step size> after energy refinement of those samples.
 The numbers go to TensorBoard under workdir (prefix 'eval/', at the checkpoint's step) and are
 printed as a table. The training loop evaluates with the same loop (`evaluate_split`).
 """
@@ -33,6 +34,7 @@ from pipeline import sharding as sharding_lib
 from pipeline import trainer as trainer_lib
 from pipeline import weights as weights_lib
 from pipeline.data import loader
+from pipeline.data import normalization
 from pipeline.models import energy as energy_lib
 
 DEFAULT_STEP_SIZES = (0.01, 0.03, 0.1)
@@ -93,6 +95,26 @@ def squared_errors(samples: dict[str, Any], batch: Any, act_dim: int,
     err = np.asarray(convert(np.asarray(pred, np.float32), batch))[..., :act_dim] - truth
     out[name] = (float(np.sum(np.square(err[valid]))), float(valid.sum() * act_dim))
   return out
+
+
+def absolute_action_space(config: ml_collections.ConfigDict) -> Callable:
+  """(actions, batch) -> the robot's actions: absolute and unnormalized, as a policy returns them.
+
+  Uses the norm stats in config.data.norm_stats_path (resolved) and the run's action recipe; the
+  batch's raw state is its normalized state, unnormalized.
+  """
+  d = config.data
+  stats = normalization.load_norm_stats(d.norm_stats_path)
+  state_dims = stats["state"]["mean"].shape[-1]
+
+  def to_absolute(actions, batch):
+    state = normalization.unnormalize(np.asarray(batch["state"])[..., :state_dims],
+                                      stats["state"], d.normalization, key="state")
+    return normalization.absolute_actions(
+        actions, state, stats, normalization=d.normalization,
+        delta_action_dims=d.delta_action_dims, act_dim=config.model.energy_act_dim)
+
+  return to_absolute
 
 
 def evaluate(trainer: trainer_lib.Trainer, params: Any, batches: Iterable[Any], *,
@@ -186,7 +208,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *, mesh=No
       in_shardings=(trainer.param_shardings, trainer.batch_sharding, trainer.replicated),
       out_shardings=trainer.replicated)
   values, n = evaluate_split(trainer, params, rng=jax.random.key(config.seed + 1),
-                             num_batches=num_batches or None, sample_step=sample_step)
+                             num_batches=num_batches or None, sample_step=sample_step,
+                             to_absolute=absolute_action_space(config))
   values["num_batches"] = float(n)
   values["uses_ema"] = float(bool(use_ema and state.ema is not None))
   out = {f"eval/{k}": v for k, v in values.items()}

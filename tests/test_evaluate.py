@@ -120,3 +120,24 @@ def test_sample_mse_matches_sample_actions_reference(trained):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, prepared_dataset):
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     evaluate.evaluate_workdir(tiny_config(prepared_dataset), str(tmp_path), mesh=one_device_mesh())
+
+
+def test_absolute_action_space_recovers_the_recorded_actions(trained):
+  """Ground truth through the model's space and back: the robot's raw actions of the records."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from pipeline import weights  # pylint: disable=g-import-not-at-top
+  from pipeline.data import records  # pylint: disable=g-import-not-at-top
+  config = weights.with_norm_stats(
+      loader.resolve_paths(trained["config"], trained["workdir"]), trained["workdir"])
+  assert config.data.delta_action_dims == 6  # the recipe makes the round trip non-trivial
+  info = loader.DatasetInfo(config.data.dataset_dir)
+  transform = loader.make_frame_transform(config, info=info)
+  source = grain.sources.ArrayRecordDataSource(info.shard_paths)
+  frames = [records.decode_frame(source[i]) for i in (0, 7)]
+  examples = [transform.transform_frame(f) for f in frames]
+  batch = {k: np.stack([e[k] for e in examples]) for k in ("state", "actions", "actions_is_pad")}
+  got = evaluate.absolute_action_space(config)(batch["actions"], batch)
+  horizon = config.model.action_horizon
+  for g, frame in zip(got, frames):
+    raw = np.asarray(frame["actions"], np.float32)[:horizon]
+    np.testing.assert_allclose(g, raw[:, :7], rtol=1e-4, atol=1e-4)
