@@ -28,6 +28,7 @@ Output directory:
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import records
+from pipeline.data import transforms
 
 MANIFEST = "manifest.json"
 NORM_STATS = "norm_stats.json"
@@ -131,3 +133,94 @@ def open_prepared(path: str | os.PathLike) -> PreparedDataset:
   except (OSError, ValueError, KeyError) as e:
     raise NotPreparedError(f"{root / NORM_STATS}: missing or unreadable: {e}") from e
   return PreparedDataset(root, manifest, norm_stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the loader reads
+
+
+class DatasetInfo:
+  """What the loader needs from a prepared dataset.
+
+  Attributes:
+    directory: the dataset dir.
+    manifest: its manifest.json.
+    shard_paths: shard paths, in global record order.
+    shard_starts: first global record index of each shard.
+    num_records: total records.
+    episodes: int64 [E, 3] rows (episode_index, first record, end record (exclusive)), by record.
+    action_horizon: chunk length stored per record.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = str(directory)
+    try:
+      prepared = open_prepared(directory)
+    except NotPreparedError as e:
+      raise NotPreparedError(f"config.data.dataset_dir={self.directory!r}: {e}") from e
+    self.manifest = manifest = prepared.manifest
+    self.shard_paths = list(prepared.shard_paths)
+    counts = [int(s["num_records"]) for s in manifest["shards"]]
+    self.shard_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    self.num_records = int(sum(counts))
+    self.action_horizon = int(manifest["action_horizon"])
+    path = os.path.join(self.directory, MANIFEST)
+    try:
+      rows = np.asarray([(e["episode_index"], e["start"], e["end"]) for e in manifest["episodes"]],
+                        np.int64).reshape(-1, 3)
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{path}: 'episodes' entries need episode_index/start/end: {e}") from e
+    self.episodes = rows[np.argsort(rows[:, 1], kind="stable")]
+    covered = int((self.episodes[:, 2] - self.episodes[:, 1]).sum())
+    if len(rows) == 0 or covered != self.num_records:
+      raise ValueError(f"{path}: episodes cover {covered} records, shards hold {self.num_records}")
+
+  def stored_image_shapes(self) -> dict[str, tuple[int, int]]:
+    """(height, width) of each camera in the first record, read from the image headers."""
+    import grain  # pylint: disable=g-import-not-at-top  # the read side alone needs no Grain
+    frame = records.decode_frame(grain.sources.ArrayRecordDataSource(self.shard_paths[:1])[0])
+    return {key: transforms.image_shape(frame[field], field=field)
+            for key, field in transforms.CAMERA_FIELDS.items() if field is not None}
+
+  def record_indices(self, episode_rows: np.ndarray) -> np.ndarray:
+    """Global record indices of the given episode rows, in record order."""
+    if len(episode_rows) == 0:
+      return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(s, e, dtype=np.int64) for _, s, e in episode_rows])
+
+
+class RecordLocator:
+  """Maps a global record index to its shard and episode, for error messages (picklable)."""
+
+  def __init__(self, info: DatasetInfo):
+    self.names = [os.path.basename(p) for p in info.shard_paths]
+    self.shard_starts = info.shard_starts.tolist()
+    self.ep_starts = info.episodes[:, 1].tolist()
+    self.ep_ends = info.episodes[:, 2].tolist()
+    self.ep_index = info.episodes[:, 0].tolist()
+
+  def __call__(self, record_index: int) -> str:
+    shard = bisect.bisect_right(self.shard_starts, record_index) - 1
+    where = (f"record {record_index} (shard {self.names[shard]}, "
+             f"entry {record_index - self.shard_starts[shard]}")
+    e = bisect.bisect_right(self.ep_starts, record_index) - 1
+    if 0 <= e and record_index < self.ep_ends[e]:
+      where += f", episode {self.ep_index[e]} step {record_index - self.ep_starts[e]}"
+    return where + ")"
+
+
+def split_episodes(info: DatasetInfo, eval_fraction: float, seed: int) -> dict[str, np.ndarray]:
+  """Deterministic train/eval partition of the episodes (rows of info.episodes).
+
+  round(eval_fraction * E) episodes (at least one when eval_fraction > 0, never all) are held out,
+  chosen by a permutation from `seed`.
+  """
+  if not 0 <= eval_fraction < 1:
+    raise ValueError(f"config.data.eval_fraction must be in [0, 1), got {eval_fraction}")
+  num = len(info.episodes)
+  num_eval = 0
+  if eval_fraction > 0:
+    num_eval = min(max(1, round(eval_fraction * num)), num - 1)
+  chosen = np.zeros(num, bool)
+  chosen[np.random.default_rng(seed).permutation(num)[:num_eval]] = True
+  return {"train": info.episodes[~chosen], "eval": info.episodes[chosen]}
