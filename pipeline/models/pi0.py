@@ -400,6 +400,26 @@ class Pi0(nnx.Module):
     Returns:
       actions [B, H, action_dim] f32.
     """
+    return self.sample_with_energies(
+        rng, obs, num_steps=num_steps, noise=noise,
+        num_candidates=num_candidates, refine_steps=refine_steps,
+        refine_step_size=refine_step_size,
+        refine_max_step=refine_max_step)['actions']
+
+  def sample_with_energies(self, rng, obs, *, num_steps: int = 10,
+                           noise: Optional[jax.Array] = None,
+                           num_candidates: int = 1,
+                           refine_steps: int = 0,
+                           refine_step_size: float = 0.1,
+                           refine_max_step: float = 0.1) -> dict:
+    """`sample_actions` (same arguments, same actions) and what the head said.
+
+    Returns:
+      {'actions': [B, H, action_dim] f32} plus, when the energy head took
+      part (num_candidates > 1 or refine_steps > 0): 'energy' [B], the energy
+      of the returned chunk (after refinement), and with num_candidates > 1
+      'candidate_energies' [B, N] of the chunks it chose from.
+    """
     if num_steps < 1:
       raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
     if num_candidates < 1:
@@ -414,12 +434,15 @@ class Pi0(nnx.Module):
     elif tuple(noise.shape) != shape:
       raise ValueError(f'noise has shape {tuple(noise.shape)}, expected '
                        f'{shape}.')
+    out = {}
     if num_candidates > 1:
       candidates, energies, prefix_out, prefix_mask = self.sample_candidates(
           obs, noise, num_steps=num_steps)
       best = jnp.argmin(energies, axis=1)
       x_0 = jnp.take_along_axis(candidates, best[:, None, None, None],
                                 axis=1)[:, 0]
+      out['candidate_energies'] = energies
+      out['energy'] = jnp.min(energies, axis=1)
     else:
       prefix_out, prefix_mask, kv_cache = self._prefix_forward(obs)
       x_0 = self._integrate(obs['state'], noise, prefix_mask, kv_cache,
@@ -431,7 +454,11 @@ class Pi0(nnx.Module):
       x_0 = energy_lib.refine(self.energy, prefix_out, prefix_mask, x_0,
                               steps=refine_steps, step_size=refine_step_size,
                               max_step=refine_max_step)
-    return x_0
+      # The refined chunk's own energy: one more head pass (no new prefix).
+      out['energy'] = self.candidate_energies(prefix_out, prefix_mask,
+                                              x_0[:, None])[:, 0]
+    out['actions'] = x_0
+    return out
 
 
 def build_model(model_config, rngs: nnx.Rngs) -> Pi0:
