@@ -16,6 +16,7 @@ from pipeline.bench import energy
 from pipeline.bench import harness
 from pipeline.bench import loader
 from pipeline.bench import sample
+from pipeline.bench import serve
 from pipeline.bench import step
 
 _SIZE = flags.DEFINE_enum("size", None, harness.SIZES,
@@ -44,7 +45,9 @@ _SOURCE_IMAGE_SIZE = flags.DEFINE_integer("source_image_size", 256,
                                           "loader: synthetic image size (LIBERO: 256).")
 _BATCHES = flags.DEFINE_integer("batches", 20, "loader: timed batches per pipeline.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "loader: worker counts.")
-_CANDIDATES = flags.DEFINE_list("candidates", ["4", "16"], "sample: best-of-N sizes.")
+_CANDIDATES = flags.DEFINE_list("candidates", ["4", "16"], "sample, serve: best-of-N sizes.")
+_REQUESTS = flags.DEFINE_integer("requests", 50, "serve: timed requests per variant.")
+_REFINE_STEPS = flags.DEFINE_integer("refine_steps", 5, "serve: steps of the refine variant.")
 _TOKENIZER = flags.DEFINE_string("tokenizer_path", "",
                                  "loader: tokenizer (default: the synthetic one for the synthetic "
                                  "dataset, else config.data.tokenizer_path).")
@@ -67,6 +70,9 @@ COMMANDS = {
         size=_SIZE.value or "full", batch=_BATCH.value or 1,
         candidates=[int(n) for n in _CANDIDATES.value], time_size=_TIME_SIZE.value,
         time_batch=_TIME_BATCH.value or 1, steps=_STEPS.value)),
+    "serve": (serve, lambda: dict(
+        size=_SIZE.value or "mid", requests=_REQUESTS.value,
+        candidates=[int(n) for n in _CANDIDATES.value], refine_steps=_REFINE_STEPS.value)),
     "step": (step, lambda: dict(
         size=_SIZE.value or "mid", batch=_BATCH.value, steps=_STEPS.value,
         peak=_PEAK_TFLOPS.value)),

@@ -14,6 +14,7 @@ from pipeline.bench import harness
 from pipeline.bench import loader as bench_loader
 from pipeline.bench import naive_head
 from pipeline.bench import sample as bench_sample
+from pipeline.bench import serve as bench_serve
 from pipeline.bench import step as bench_step
 from pipeline.data import tokenizer
 from pipeline.models import energy as energy_lib
@@ -157,3 +158,14 @@ def test_sample_tiny():
       flops["best_of_4"] / flops["plain"])
   assert set(result["timed"]["seconds"]) == {"plain", "best_of_2", "best_of_4"}
   assert "best_of_4" in bench_sample.format_table(result)
+
+
+def test_serve_tiny():
+  """Through real servers and openpi clients: every variant answered, percentiles ordered."""
+  result = bench_serve.run(size="tiny", requests=3, candidates=(2,), refine_steps=1)
+  _check_json(result)
+  assert set(result["ms"]) == {"plain", "best_of_2", "refine_1"}
+  for m in result["ms"].values():
+    assert 0 < m["model"]["p50"] <= m["infer"]["p50"] <= m["infer"]["p95"]
+  assert result["over_plain"]["plain"] == {"p50": 1.0, "p95": 1.0}
+  assert "best_of_2" in bench_serve.format_table(result)
