@@ -46,12 +46,40 @@ def one_device_mesh():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, prepared_dataset):  # pylint: disable=redefined-outer-name
-  """A tiny energy_only run of STEPS steps, and the reference: its EMA params, sampled directly."""
+def run(tmp_path_factory, prepared_dataset):  # pylint: disable=redefined-outer-name
+  """(workdir, config) of a tiny energy_only run of STEPS steps."""
   workdir = str(tmp_path_factory.mktemp("serve_workdir"))
   config = tiny_config(prepared_dataset)
   config.num_train_steps = config.save_every = STEPS
+  config.eval_every = 0  # no evaluation: only the checkpoint matters here
   train.run(config, workdir, one_device_mesh())
+  return workdir, config
+
+
+@pytest.fixture(scope="module")
+def server_process(run):
+  """`python -m pipeline.serve --num_candidates=3` on one CPU device, on a free port, starting.
+
+  Started before the reference is built, so that both compile at the same time.
+  """
+  workdir = run[0]
+  port = portpicker.pick_unused_port()
+  env = dict(os.environ, XLA_FLAGS="")  # the default: one device
+  log = open(os.path.join(workdir, "serve.log"), "w")  # pylint: disable=consider-using-with
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pipeline.serve", f"--workdir={workdir}", f"--port={port}",
+       "--host=127.0.0.1", f"--num_candidates={CANDIDATES}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+  yield dict(proc=proc, port=port, log=os.path.join(workdir, "serve.log"))
+  if proc.poll() is None:
+    proc.kill()
+  log.close()
+
+
+@pytest.fixture(scope="module")
+def trained(run, server_process):  # pylint: disable=redefined-outer-name,unused-argument
+  """The run and the reference: its EMA params, restored as evaluation does, sampled directly."""
+  workdir, config = run
   config = weights.with_norm_stats(loader.resolve_paths(config, workdir), workdir)
   trainer = trainer_lib.Trainer(config, one_device_mesh())
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=STEPS)
@@ -79,6 +107,7 @@ def trained(tmp_path_factory, prepared_dataset):  # pylint: disable=redefined-ou
     raw[:, :6] += np.asarray(obs["observation/state"], np.float32)[:6]
     return out, raw
 
+  direct(observation(), 0, num_candidates=CANDIDATES)  # compiles while the server does
   return dict(workdir=workdir, config=config, direct=direct)
 
 
@@ -90,25 +119,14 @@ def observation(size=(256, 256), seed=0, **extra):
 
 
 @pytest.fixture(scope="module")
-def server(trained):
-  """`python -m pipeline.serve --num_candidates=3` on one CPU device, on a free port."""
-  port = portpicker.pick_unused_port()
-  env = dict(os.environ, XLA_FLAGS="")  # the default: one device
-  log = open(os.path.join(trained["workdir"], "serve.log"), "w")  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "pipeline.serve", f"--workdir={trained['workdir']}",
-       f"--port={port}", "--host=127.0.0.1", f"--num_candidates={CANDIDATES}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-  line = proc.stdout.readline()  # printed once warm and listening
+def server(server_process, trained):  # pylint: disable=unused-argument
+  """The server process once warm and listening (it prints one line then)."""
+  line = server_process["proc"].stdout.readline()
   if "listening" not in line:
-    proc.kill()
-    log.close()
-    pytest.fail(f"server did not start: {line!r}\n"
-                f"{Path(trained['workdir'], 'serve.log').read_text()[-3000:]}")
-  yield dict(proc=proc, port=port)
-  if proc.poll() is None:
-    proc.kill()
-  log.close()
+    server_process["proc"].kill()
+    log = Path(server_process["log"]).read_text()[-3000:]
+    pytest.fail(f"server did not start: {line!r}\n{log}")
+  return server_process
 
 
 @pytest.fixture(scope="module")
