@@ -128,6 +128,7 @@ class Policy:
            options: SamplingOptions = SamplingOptions(), use_ema: bool = True,
            fsdp: int | None = None) -> "Policy":
     """Weights (+ norm stats) of `path` (see the module docstring) into the serving mesh."""
+    options.check()  # before anything is read
     asset_id = config.data.asset_id if config is not None else weights_lib.DEFAULT_ASSET_ID
     if step is not None:
       path = f"{path.rstrip('/')}/checkpoints/{step}"

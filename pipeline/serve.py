@@ -173,6 +173,12 @@ def _define_flags():
   flags.mark_flags_as_required(["workdir"])
 
 
+def _exit_before_serving(signum, frame):  # pylint: disable=unused-argument
+  logging.warning("%s: stopped before serving", signal.Signals(signum).name)
+  logging.flush()
+  os._exit(0)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -181,13 +187,20 @@ def main(argv):
   options = policy_lib.SamplingOptions(
       num_steps=f.num_steps, num_candidates=f.num_candidates, refine_steps=f.refine_steps,
       refine_step_size=f.refine_step_size, refine_max_step=f.refine_max_step, seed=f.seed)
+  # Stopped while loading or compiling: nothing to close yet, and unwinding out of a JAX import or
+  # compile can crash the interpreter's teardown, so leave at once.
+  signal.signal(signal.SIGTERM, _exit_before_serving)
+  signal.signal(signal.SIGINT, _exit_before_serving)
   try:
     policy = policy_lib.Policy.load(os.path.expanduser(f.workdir), step=f.step, config=f.config,
                                     options=options, use_ema=f.ema, fsdp=f.fsdp)
+    policy.warmup()
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"serve: {e}") from None
-  policy.warmup()
-  asyncio.run(_main_async(policy, f.host, f.port))
+  try:
+    asyncio.run(_main_async(policy, f.host, f.port))
+  except OSError as e:  # the port is taken, the host unknown
+    raise SystemExit(f"serve: cannot listen on {f.host}:{f.port}: {e}") from None
 
 
 if __name__ == "__main__":

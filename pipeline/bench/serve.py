@@ -35,7 +35,8 @@ WARM_REQUESTS = 3
 PROMPT = "put both the alphabet soup and the tomato sauce in the basket"
 
 
-def _variants(candidates: Sequence[int], refine_steps: int) -> dict[str, policy_lib.SamplingOptions]:
+def _variants(candidates: Sequence[int],
+              refine_steps: int) -> dict[str, policy_lib.SamplingOptions]:
   out = {"plain": policy_lib.SamplingOptions()}
   out.update({f"best_of_{n}": policy_lib.SamplingOptions(num_candidates=n) for n in candidates})
   if refine_steps:
