@@ -16,7 +16,6 @@ import urllib.request
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import portpicker
 import pytest
