@@ -38,10 +38,8 @@ from pipeline import fileio
 from pipeline.data import normalization
 from pipeline.data import records
 from pipeline.data import sources
-# The layout and read side; loader and tests also reach these names through this module.
 from pipeline.data.prepared import (MANIFEST, MANIFEST_VERSION, NORM_STATS, SHARD_PATTERN,
-                                    NotPreparedError, PreparedDataset, is_complete,
-                                    open_prepared)
+                                    is_complete, open_prepared)
 
 # group_size:1 keeps every record its own chunk, so random access reads one record only; no
 # compression since the bulk of a record is already-compressed PNG/JPEG bytes.

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.data import loader
 from pipeline.data import prepare
+from pipeline.data import prepared
 from pipeline.data import records
 from pipeline.data import tokenizer
 from pipeline.data import transforms
@@ -65,7 +66,7 @@ def _write_small_dataset(directory, episode_lengths, *, corrupt=(), image_hw=lam
   ones = {"mean": [0.0] * 8, "std": [1.0] * 8, "q01": [-2.0] * 8, "q99": [2.0] * 8}
   with open(os.path.join(directory, loader.NORM_STATS), "w") as f:
     json.dump({"norm_stats": {"state": ones, "actions": ones}}, f)
-  manifest = {"version": prepare.MANIFEST_VERSION, "action_horizon": HORIZON, "delta_action_dims": 6,
+  manifest = {"version": prepared.MANIFEST_VERSION, "action_horizon": HORIZON, "delta_action_dims": 6,
               "num_records": len(frames), "shards": shards, "episodes": episodes, "complete": True}
   with open(os.path.join(directory, loader.MANIFEST), "w") as f:
     json.dump(manifest, f)
@@ -80,7 +81,7 @@ def dataset_dir(prepared_dataset):
 @pytest.fixture(scope="module")
 def record_of(dataset_dir):
   """Identifies the record behind each example of a batch by its normalized state (all distinct)."""
-  ds = prepare.open_prepared(dataset_dir)
+  ds = prepared.open_prepared(dataset_dir)
   stats = ds.norm_stats["state"]
   mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
   table = {}
@@ -325,7 +326,7 @@ def test_corrupt_record_named_or_skipped(tmp_path):
   config = _config(directory, eval_fraction=0.0, skip_bad_records=True)
   batches = _take(iter(loader.make_dataset(config, split="train")), 10)
   # States are mean 0 / std 1 normalized: recover the records by their raw states.
-  ds = prepare.open_prepared(directory)
+  ds = prepared.open_prepared(directory)
   table = {tuple(np.round(ds.frame(i)["state"], 3)): i for i in range(ds.num_records)}
   ids = [table[tuple(np.round(s[:8], 3))] for b in batches for s in b["state"]]
   assert bad not in ids and set(ids) == set(range(sum(lengths))) - {bad}
@@ -334,7 +335,7 @@ def test_corrupt_record_named_or_skipped(tmp_path):
 def test_config_errors_name_keys(dataset_dir, tmp_path):
   with pytest.raises(ValueError, match="batch_size"):
     loader.make_dataset(_config(dataset_dir), split="train", process_index=0, process_count=3)
-  with pytest.raises(prepare.NotPreparedError, match="dataset_dir"):
+  with pytest.raises(prepared.NotPreparedError, match="dataset_dir"):
     loader.make_dataset(_config(str(tmp_path)), split="train")
   config = _config(dataset_dir)
   config.model.action_horizon = loader.DatasetInfo(dataset_dir).action_horizon + 1

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import prepare
+from pipeline.data import prepared
 from pipeline.data import records
 from pipeline.data import synthetic
 from tests.data import conftest as data_conftest
@@ -34,7 +35,7 @@ def _naive_chunk(actions, t, horizon):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_round_trip_equals_source(name, prepared_dir, reference_episodes):
   horizon = 5
-  ds = prepare.open_prepared(prepared_dir(name, horizon))
+  ds = prepared.open_prepared(prepared_dir(name, horizon))
   ref = reference_episodes(name)
   m = ds.manifest
   assert m["complete"] is True
@@ -97,12 +98,12 @@ def test_norm_stats_equal_openpi_reference(name, delta, prepared_dir, reference_
     for stat, value in want[key].items():
       np.testing.assert_allclose(stats["norm_stats"][key][stat], value, rtol=1e-9, atol=1e-12,
                                  err_msg=f"{key}.{stat}")
-  m = prepare.open_prepared(root).manifest
+  m = prepared.open_prepared(root).manifest
   assert m["delta_action_dims"] == delta and f"[0, {delta})" in m["norm_stats_actions"]
 
 
 def test_manifest_schema(prepared_dataset):
-  m = prepare.open_prepared(prepared_dataset).manifest
+  m = prepared.open_prepared(prepared_dataset).manifest
   for key in ("version", "format", "source_version", "source", "split", "action_horizon",
               "num_episodes", "num_records", "num_frames", "num_tasks", "num_skipped", "tasks",
               "features", "shards", "episodes", "skipped", "norm_stats", "complete"):
@@ -126,10 +127,10 @@ def test_manifest_schema(prepared_dataset):
 
 
 def test_parallel_workers_write_the_same_records(tmp_path, source_dir, prepared_dir):
-  serial = prepare.open_prepared(prepared_dir("lerobot_v21"))
+  serial = prepared.open_prepared(prepared_dir("lerobot_v21"))
   out = prepare.prepare(source_dir("lerobot_v21"), tmp_path / "par", action_horizon=5,
                         num_workers=2, episodes_per_shard=4)
-  parallel = prepare.open_prepared(out)
+  parallel = prepared.open_prepared(out)
   assert len(parallel.manifest["shards"]) == 2
   assert len(parallel) == len(serial)
   for i in range(len(serial)):
@@ -139,7 +140,7 @@ def test_parallel_workers_write_the_same_records(tmp_path, source_dir, prepared_
 
 def test_grain_reads_shards(prepared_dataset):
   import grain.python as grain
-  ds = prepare.open_prepared(prepared_dataset)
+  ds = prepared.open_prepared(prepared_dataset)
   source = grain.ArrayRecordDataSource(ds.shard_paths)
   assert len(source) == len(ds)
   for i in (0, len(ds) // 2, len(ds) - 1):
@@ -211,12 +212,12 @@ def test_skip_bad_counts_and_reports(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     dst = prepare.prepare(src, tmp_path / "dst", action_horizon=4, skip_bad=True)
   assert "skipping episode 2" in caplog.text
-  m = prepare.open_prepared(dst).manifest
+  m = prepared.open_prepared(dst).manifest
   assert m["num_skipped"] == 1 and m["num_episodes"] == 3
   assert m["skipped"][0]["episode_index"] == 2 and m["skipped"][0]["field"] == "image"
   assert "episode_000002.parquet" in m["skipped"][0]["path"]
   assert [e["episode_index"] for e in m["episodes"]] == [0, 1, 3]
-  ds = prepare.open_prepared(dst)
+  ds = prepared.open_prepared(dst)
   assert {ds.frame(i)["episode_index"] for i in range(len(ds))} == {0, 1, 3}
 
 
@@ -260,7 +261,7 @@ def test_empty_episode(tmp_path):
   with pytest.raises(prepare.PrepareError, match="episode 1.*0 frames"):
     prepare.prepare(src, tmp_path / "dst", action_horizon=4)
   dst = prepare.prepare(src, tmp_path / "dst", action_horizon=4, skip_bad=True)
-  assert prepare.open_prepared(dst).manifest["num_skipped"] == 1
+  assert prepared.open_prepared(dst).manifest["num_skipped"] == 1
 
 
 def test_unknown_format(tmp_path):
@@ -286,7 +287,7 @@ def test_existing_destination(tmp_path, prepared_dataset):
     prepare.prepare(src, other, action_horizon=4)
   assert (other / "keep.txt").exists()
   prepare.prepare(src, other, action_horizon=4, overwrite=True)
-  assert prepare.is_complete(other)
+  assert prepared.is_complete(other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,17 +354,17 @@ def test_killed_run_is_detected_and_cleaned_up(tmp_path):
   assert len(leftovers) == 1
   assert json.loads((leftovers[0] / "manifest.json").read_text())["complete"] is False
   assert any(p.suffix == ".array_record" for p in leftovers[0].iterdir())
-  with pytest.raises(prepare.NotPreparedError, match="incomplete"):
-    prepare.open_prepared(leftovers[0])
-  with pytest.raises(prepare.NotPreparedError, match="no such directory"):
-    prepare.open_prepared(dst)
+  with pytest.raises(prepared.NotPreparedError, match="incomplete"):
+    prepared.open_prepared(leftovers[0])
+  with pytest.raises(prepared.NotPreparedError, match="no such directory"):
+    prepared.open_prepared(dst)
   # The next run (through the command line) removes the dead run's leftovers.
   proc = subprocess.run([sys.executable, "-m", "pipeline.data.prepare", *args], env=env,
                         capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 0, proc.stderr
   assert "4 episodes" in proc.stdout
   assert not leftovers[0].exists()
-  assert prepare.open_prepared(dst).manifest["num_episodes"] == 4
+  assert prepared.open_prepared(dst).manifest["num_episodes"] == 4
 
 
 def test_cli_reports_bad_input(tmp_path):
@@ -378,23 +379,23 @@ def test_cli_reports_bad_input(tmp_path):
 
 
 def test_open_prepared_refuses_incomplete(tmp_path, prepared_dataset):
-  with pytest.raises(prepare.NotPreparedError, match="no manifest.json"):
+  with pytest.raises(prepared.NotPreparedError, match="no manifest.json"):
     (tmp_path / "empty").mkdir()
-    prepare.open_prepared(tmp_path / "empty")
+    prepared.open_prepared(tmp_path / "empty")
   import shutil
   copy = tmp_path / "copy"
   shutil.copytree(prepared_dataset, copy)
   manifest = json.loads((copy / "manifest.json").read_text())
   (copy / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
-  with pytest.raises(prepare.NotPreparedError, match="incomplete"):
-    prepare.open_prepared(copy)
+  with pytest.raises(prepared.NotPreparedError, match="incomplete"):
+    prepared.open_prepared(copy)
   (copy / "manifest.json").write_text(json.dumps(manifest)[:50])
-  with pytest.raises(prepare.NotPreparedError, match="unreadable manifest"):
-    prepare.open_prepared(copy)
+  with pytest.raises(prepared.NotPreparedError, match="unreadable manifest"):
+    prepared.open_prepared(copy)
   (copy / "manifest.json").write_text(json.dumps(manifest))
   os.remove(copy / manifest["shards"][1]["path"])
-  with pytest.raises(prepare.NotPreparedError, match="frames-00001-of-00003.*missing"):
-    prepare.open_prepared(copy)
+  with pytest.raises(prepared.NotPreparedError, match="frames-00001-of-00003.*missing"):
+    prepared.open_prepared(copy)
 
 
 def test_ensure_prepared(tmp_path, monkeypatch):
@@ -414,12 +415,12 @@ def test_ensure_prepared(tmp_path, monkeypatch):
   manifest = json.loads((dst / "manifest.json").read_text())
   (dst / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
   prepare.ensure_prepared(src, dst, action_horizon=4)
-  assert prepare.is_complete(dst)
+  assert prepared.is_complete(dst)
 
 
 def test_records_decode_with_codec(prepared_dataset):
   import pickle
-  ds = prepare.open_prepared(prepared_dataset)
+  ds = prepared.open_prepared(prepared_dataset)
   ds.frame(1)
   copy = pickle.loads(pickle.dumps(ds))  # open readers are not carried along
   assert copy.read_record(1) == ds.read_record(1)
@@ -443,7 +444,7 @@ def _data_config(tmp_path, **data):
 def test_ensure_from_config_writes_synthetic_source_and_prepares(tmp_path, monkeypatch):
   config = _data_config(tmp_path)
   prepare.ensure_from_config(config)
-  m = prepare.open_prepared(tmp_path / "prepared").manifest
+  m = prepared.open_prepared(tmp_path / "prepared").manifest
   assert m["num_episodes"] == 3 and m["action_horizon"] == 4 and m["format"] == "lerobot_v2"
   assert m["delta_action_dims"] == 6  # the config's recipe
   assert m["source"] == str((tmp_path / "src").resolve())
@@ -459,6 +460,6 @@ def test_ensure_from_config_writes_synthetic_source_and_prepares(tmp_path, monke
 def test_ensure_from_config_keeps_an_existing_source(tmp_path):
   _small_v21(tmp_path / "src", num_episodes=2)
   prepare.ensure_from_config(_data_config(tmp_path))
-  assert prepare.open_prepared(tmp_path / "prepared").manifest["num_episodes"] == 2
+  assert prepared.open_prepared(tmp_path / "prepared").manifest["num_episodes"] == 2
   prepare.ensure_from_config(_data_config(tmp_path / "real", synthetic=False, source_dir=""))
   assert not (tmp_path / "real").exists()  # no source, nothing to prepare

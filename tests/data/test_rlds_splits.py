@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.data import prepare
+from pipeline.data import prepared
 from pipeline.data import synthetic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +84,7 @@ def write_tfds(root: Path, splits: dict, *, name: str = "libero_goal",
 
 def _prepared_episodes(dst):
   """Per episode of a prepared dataset: (prompt, states [T, 8], first actions [T, 7])."""
-  ds = prepare.open_prepared(dst)
+  ds = prepared.open_prepared(dst)
   out = []
   for e in ds.manifest["episodes"]:
     frames = [ds.frame(i) for i in range(e["start"], e["end"])]
@@ -108,10 +109,10 @@ def test_train_split_is_the_default_and_val_stays_out(tmp_path, file_format):
   src = write_tfds(tmp_path / "src", {"train": [train[:2], train[2:]], "val": [val]},
                    file_format=file_format)
   dst = prepare.prepare(src, tmp_path / "train", action_horizon=2)
-  assert prepare.open_prepared(dst).manifest["split"] == "train"
+  assert prepared.open_prepared(dst).manifest["split"] == "train"
   _assert_same_episodes(dst, train)
   dst = prepare.prepare(src, tmp_path / "val", action_horizon=2, split="val")
-  assert prepare.open_prepared(dst).manifest["split"] == "val"
+  assert prepared.open_prepared(dst).manifest["split"] == "val"
   _assert_same_episodes(dst, val)
 
 
@@ -127,7 +128,7 @@ def test_without_train_split_a_choice_is_required(tmp_path):
     prepare.prepare(src, tmp_path / "dst", split="train")
   assert not (tmp_path / "dst").exists()
   dst = prepare.prepare(src, tmp_path / "dst", action_horizon=2, split="test")
-  assert prepare.open_prepared(dst).manifest["split"] == "test"
+  assert prepared.open_prepared(dst).manifest["split"] == "test"
   _assert_same_episodes(dst, test)
 
 
@@ -137,7 +138,7 @@ def test_a_lone_split_is_read_and_named(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     dst = prepare.prepare(src, tmp_path / "dst", action_horizon=2)
   assert "has no 'train' split; reading its only split 'val'" in caplog.text
-  assert prepare.open_prepared(dst).manifest["split"] == "val"
+  assert prepared.open_prepared(dst).manifest["split"] == "val"
   _assert_same_episodes(dst, val)
 
 
@@ -171,7 +172,7 @@ def test_split_across_dataset_dirs(tmp_path):
   assert [s["name"] for s in info["splits"]] == ["train", "val"]
   assert [s["shardLengths"] for s in info["splits"]] == [["1", "1"], ["1"]]
   dst = prepare.prepare(tmp_path / "src", tmp_path / "dst", action_horizon=2)
-  m = prepare.open_prepared(dst).manifest
+  m = prepared.open_prepared(dst).manifest
   assert m["split"] == "train" and m["num_episodes"] == 5
   with pytest.raises(prepare.PrepareError,
                      match=r"libero_spatial_no_noops/1.0.0/dataset_info.json: no split 'val'"):
@@ -184,7 +185,7 @@ def test_lerobot_sources_have_no_splits(tmp_path):
   with pytest.raises(prepare.PrepareError, match="has no splits.*applies to RLDS sources only"):
     prepare.prepare(src, tmp_path / "dst", split="train")
   dst = prepare.prepare(src, tmp_path / "dst", action_horizon=2)
-  assert prepare.open_prepared(dst).manifest["split"] is None
+  assert prepared.open_prepared(dst).manifest["split"] is None
 
 
 def test_cli_split_flag(tmp_path):
@@ -204,4 +205,4 @@ def test_cli_split_flag(tmp_path):
   assert "--split=NAME" in last
   proc = run(f"--dst={tmp_path / 'dst'}", "--split=test")
   assert proc.returncode == 0, proc.stderr
-  assert prepare.open_prepared(tmp_path / "dst").manifest["split"] == "test"
+  assert prepared.open_prepared(tmp_path / "dst").manifest["split"] == "test"

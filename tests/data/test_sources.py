@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data import prepare
+from pipeline.data import prepared
 from pipeline.data import sources
 from pipeline.data import synthetic
 from pipeline.data import tfrecord
@@ -181,7 +182,7 @@ def test_rlds_missing_key_and_empty_episode(tmp_path):
   with pytest.raises(prepare.PrepareError, match="episode 3.*0 frames"):
     prepare.prepare(src, tmp_path / "dst", action_horizon=3)
   dst = prepare.prepare(src, tmp_path / "dst", action_horizon=3, skip_bad=True)
-  assert prepare.open_prepared(dst).manifest["num_skipped"] == 1
+  assert prepared.open_prepared(dst).manifest["num_skipped"] == 1
 
 
 def test_rlds_truncated_shard(tmp_path):
@@ -232,5 +233,5 @@ def test_several_chunk_dirs(tmp_path, fmt, extra):
   src = _small(tmp_path, fmt, n=5, chunks_size=2, **extra)
   assert len(list((src / "data").iterdir())) == 3  # chunk-000 .. chunk-002
   dst = prepare.prepare(src, tmp_path / "dst", action_horizon=3)
-  m = prepare.open_prepared(dst).manifest
+  m = prepared.open_prepared(dst).manifest
   assert [e["episode_index"] for e in m["episodes"]] == list(range(5))
