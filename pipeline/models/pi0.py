@@ -384,12 +384,17 @@ class Pi0(nnx.Module):
     energies = self.candidate_energies(prefix_out, prefix_mask, candidates)
     return candidates, energies, prefix_out, prefix_mask
 
-  def sample_actions(self, rng, obs, *, num_steps: int = 10,
-                     noise: Optional[jax.Array] = None,
-                     num_candidates: int = 1,
-                     refine_steps: int = 0, refine_step_size: float = 0.1,
-                     refine_max_step: float = 0.1):
-    """Euler integration of the flow from t=1 (noise) to t=0.
+  def sample_actions(self, rng, obs, **kwargs) -> jax.Array:
+    """Sampled actions [B, H, action_dim] f32 (`sample_with_energies`)."""
+    return self.sample_with_energies(rng, obs, **kwargs)['actions']
+
+  def sample_with_energies(self, rng, obs, *, num_steps: int = 10,
+                           noise: Optional[jax.Array] = None,
+                           num_candidates: int = 1,
+                           refine_steps: int = 0,
+                           refine_step_size: float = 0.1,
+                           refine_max_step: float = 0.1) -> dict:
+    """Euler integration of the flow from t=1 (noise) to t=0, energy-guided.
 
     The prefix is encoded once into a KV cache; each step runs only the
     action expert. With num_candidates = N > 1, N chunks are sampled per
@@ -398,27 +403,9 @@ class Pi0(nnx.Module):
     then refined by descending the energy head (using the prefix output).
 
     Returns:
-      actions [B, H, action_dim] f32.
-    """
-    return self.sample_with_energies(
-        rng, obs, num_steps=num_steps, noise=noise,
-        num_candidates=num_candidates, refine_steps=refine_steps,
-        refine_step_size=refine_step_size,
-        refine_max_step=refine_max_step)['actions']
-
-  def sample_with_energies(self, rng, obs, *, num_steps: int = 10,
-                           noise: Optional[jax.Array] = None,
-                           num_candidates: int = 1,
-                           refine_steps: int = 0,
-                           refine_step_size: float = 0.1,
-                           refine_max_step: float = 0.1) -> dict:
-    """`sample_actions` (same arguments, same actions) and what the head said.
-
-    Returns:
       {'actions': [B, H, action_dim] f32} plus, when the energy head took
-      part (num_candidates > 1 or refine_steps > 0): 'energy' [B], the energy
-      of the returned chunk (after refinement), and with num_candidates > 1
-      'candidate_energies' [B, N] of the chunks it chose from.
+      part: 'energy' [B] of the returned chunk (after refinement), and with
+      N > 1 'candidate_energies' [B, N] of the chunks it chose from.
     """
     if num_steps < 1:
       raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
