@@ -34,7 +34,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.vocab_size = 257_152
   m.dtype = "bfloat16"
   m.remat = True
-  # off: no head; monitor: the head trains on stop-gradient inputs, the flow model as openpi;
+  # off: no head; monitor: the flow model trains as openpi, energy statistics are only logged (no
+  # gradient reaches any parameter);
   # joint: flow + energy_weight * InfoNCE; energy_only: only the head trains (prefix forward only).
   m.energy_mode = "monitor"
   m.energy_hidden = 512
