@@ -26,23 +26,19 @@ from pipeline import checkpoint as checkpoint_lib
 from pipeline import export
 from pipeline import policy as policy_lib
 from pipeline import serve
-from pipeline import sharding
 from pipeline import train
 from pipeline import trainer as trainer_lib
 from pipeline import weights
 from pipeline.data import loader
 from pipeline.data import normalization
 from tests.data.conftest import prepared_dataset  # pylint: disable=unused-import
+from tests.test_evaluate import one_device_mesh
 from tests.test_evaluate import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 CANDIDATES = 3
 PROMPT = "put the bowl on the plate"
-
-
-def one_device_mesh():
-  return sharding.make_mesh(1, devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
